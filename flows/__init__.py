@@ -1,0 +1,1 @@
+"""Prefect flows: one per experiment phase, and the experiment flow that chains them."""

@@ -1,0 +1,15 @@
+"""Phase 2: observe — the candidate alone on its own schemas: which backend does it pick?"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from tasks.requests import send_requests
+
+from ._common import DEFAULT_STORE, open_run
+
+
+@flow(name="observe", log_prints=True)
+def observe(run_id: str, store: str = DEFAULT_STORE) -> dict:
+    rs, cfg = open_run(run_id, store)
+    return send_requests(cfg, rs, "observe")

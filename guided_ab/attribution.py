@@ -1,0 +1,116 @@
+"""Which structured-output backend did the server resolve for this request? (runs inside vLLM)
+
+vLLM exposes no per-request backend signal, so this ASGI middleware, loaded into the server with
+`--middleware guided_ab.attribution.BackendAttributionMiddleware`, repeats vLLM's own backend
+resolution for each chat/completions request (SamplingParams' structured-output validation,
+with the engine's model config, structured-outputs config and tokenizer) and answers with the
+result in the `x-guided-ab-backend` response header. Running inside the serving process keeps
+it faithful to the exact vLLM version under test; nothing here re-implements the selection.
+
+Imports only the standard library and vllm: the server's virtualenv has neither Prefect nor
+the rest of guided_ab's dependencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import logging
+import os
+from typing import Any
+
+HEADER = b"x-guided-ab-backend"  # keep in sync with guided_ab.vllm_args.ATTRIBUTION_HEADER
+PATHS = ("/v1/chat/completions", "/v1/completions")
+log = logging.getLogger("guided_ab.attribution")
+
+
+def requested_schema(body: dict[str, Any]) -> dict | str | None:
+    """The JSON schema a request constrains its output with, or None for unconstrained requests."""
+    rf = body.get("response_format")
+    if isinstance(rf, dict):
+        if rf.get("type") == "json_schema":
+            js = rf.get("json_schema") or {}
+            return js.get("schema", js.get("json_schema"))
+        if rf.get("type") == "json_object":
+            return {"type": "object"}
+    so = body.get("structured_outputs")
+    if isinstance(so, dict) and so.get("json") is not None:
+        return so["json"]
+    return None
+
+
+def _engine(app: Any) -> Any:
+    state = getattr(app, "state", None)
+    return getattr(state, "engine_client", None)
+
+
+def resolve_backend(engine: Any, schema: dict | str) -> str:
+    """vLLM's own resolution of the backend for a JSON-schema request on this engine."""
+    from vllm.sampling_params import SamplingParams, StructuredOutputsParams
+
+    proc = getattr(engine, "input_processor", None) or getattr(engine, "processor", None)
+    so_config = getattr(proc, "structured_outputs_config", None)
+    configured = getattr(so_config, "backend", None) or os.environ.get("GUIDED_AB_BACKEND", "unknown")
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(json=copy.deepcopy(schema)))
+    try:
+        if hasattr(params, "_validate_structured_outputs"):  # vLLM 0.30+
+            params._validate_structured_outputs(proc.model_config, so_config, proc.tokenizer)
+        else:  # earlier v1 engines validate in the processor
+            proc._validate_structured_output(params)
+        return params.structured_outputs._backend or configured
+    except Exception:  # the server will reject this request too; say which backend refused it
+        if configured != "auto":
+            return configured
+        try:  # auto tries xgrammar first and falls back when xgrammar refuses
+            from vllm.v1.structured_output.backend_xgrammar import validate_xgrammar_grammar
+
+            validate_xgrammar_grammar(SamplingParams(structured_outputs=StructuredOutputsParams(json=copy.deepcopy(schema))))
+            return "xgrammar"
+        except Exception:
+            return "guidance"
+
+
+class BackendAttributionMiddleware:
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in PATHS:
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # client went away before sending its body
+                await self.app(scope, receive, send)
+                return
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        body = b"".join(chunks)
+        backend = None
+        try:
+            data = json.loads(body)
+            schema = requested_schema(data) if isinstance(data, dict) else None
+            engine = _engine(scope.get("app"))
+            if schema is not None and engine is not None:
+                backend = await asyncio.to_thread(resolve_backend, engine, schema)
+        except Exception as err:  # never break serving because attribution failed
+            log.warning("backend attribution failed: %s", err)
+
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        async def send_with_header(msg: dict) -> None:
+            if backend and msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), (HEADER, backend.encode())]}
+            await send(msg)
+
+        await self.app(scope, replay, send_with_header)

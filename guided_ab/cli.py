@@ -1,0 +1,227 @@
+"""`guided-ab`: run an experiment, re-run one phase, re-decide, list runs, stop leftovers.
+
+Bad input exits with status 2 and a message naming the field or file; nothing is started.
+Prefect is imported only by the commands that run flows, so the others answer quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from .config import ConfigError, DecisionOverrides, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(err: Exception, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _prefect_defaults() -> None:
+    """Defaults that make a local, offline Prefect work on a small machine (user settings win)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+STORE_OPT = typer.Option("runs", "--store", help="run store root (the config's `store`)")
+
+
+@app.command()
+def run(
+    config: Path = typer.Argument(..., help="experiment config, e.g. configs/local.yaml"),
+    run_id: Optional[str] = typer.Option(None, help="reuse/resume this run id"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimated cost; start nothing"),
+) -> None:
+    """Run a whole experiment (deploy, observe, A/B, teardown, evaluate, decide) through Prefect."""
+    from .phases import workload_items
+    from .store import check_run_id
+
+    try:
+        cfg = load_config(config)
+        workload_items(cfg)
+        if run_id:
+            check_run_id(run_id)
+    except ConfigError as err:
+        _fail(err)
+    if dry_run:
+        from .dry_run import describe_plan
+
+        out.print(describe_plan(cfg), highlight=False)
+        return
+    _prefect_defaults()
+    from flows.experiment import experiment
+
+    try:
+        result = experiment(config_path=str(config), run_id=run_id)
+    except ConfigError as err:
+        _fail(err)
+    except Exception as err:  # the flow failed: say why, records stay in the store
+        _fail(f"the experiment failed: {err}", code=1)
+    _print_summary(Path(result["store"]))
+    print(f"run_id={result['run_id']} decision={result['decision']} store={result['store']}")
+
+
+def _print_summary(run_dir: Path) -> None:
+    from .report import summary_table
+
+    try:
+        out.print(summary_table(run_dir))
+    except Exception as err:  # a summary must never hide the result line
+        console.print(f"(no summary table: {err})")
+
+
+@app.command()
+def evaluate(
+    run_id: str = typer.Option(..., "--run-id"),
+    store: str = STORE_OPT,
+    success_margin: Optional[float] = typer.Option(None, help="candidate success may be this much lower"),
+    latency_margin: Optional[float] = typer.Option(None, help="candidate p50 may be this much slower (0.1 = 10%)"),
+    backend_share_min: Optional[float] = typer.Option(None),
+    expected_backend: Optional[str] = typer.Option(None),
+    max_cv_ratio: Optional[float] = typer.Option(None),
+    alpha: Optional[float] = typer.Option(None),
+    bootstrap_resamples: Optional[int] = typer.Option(None),
+) -> None:
+    """Re-evaluate and re-decide a finished run offline (no endpoint is touched)."""
+    from . import phases
+    from .store import RunStore
+
+    try:
+        overrides = DecisionOverrides(
+            success_margin=success_margin, latency_margin=latency_margin, backend_share_min=backend_share_min,
+            expected_backend=expected_backend, max_cv_ratio=max_cv_ratio, alpha=alpha,
+            bootstrap_resamples=bootstrap_resamples,
+        )
+        rs = RunStore.open(store, run_id)
+        phases.evaluate_run(rs, overrides)
+        decision = phases.decide_run(rs, overrides)
+    except (ConfigError, ValueError) as err:
+        _fail(err)
+    _print_summary(rs.dir)
+    print(f"run_id={run_id} decision={decision['verdict']} store={rs.dir}")
+
+
+def _phase_command(name: str, flow_path: str, doc: str):
+    def command(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
+        from .store import RunStore
+
+        try:
+            RunStore.open(store, run_id)
+        except ConfigError as err:
+            _fail(err)
+        _prefect_defaults()
+        module, fn = flow_path.rsplit(".", 1)
+        import importlib
+
+        flow_fn = getattr(importlib.import_module(module), fn)
+        try:
+            result = flow_fn(run_id=run_id, store=store)
+        except ConfigError as err:
+            _fail(err)
+        except Exception as err:
+            _fail(f"phase {name} failed: {err}", code=1)
+        out.print(result)
+
+    command.__doc__ = doc
+    app.command(name=name)(command)
+
+
+_phase_command("deploy", "flows.deploy.deploy", "Phase deploy: start the run's endpoints and wait for them.")
+_phase_command("observe", "flows.observe.observe", "Phase observe: send (the rest of) the observe plan.")
+_phase_command("ab", "flows.ab.ab", "Phase A/B: send (the rest of) the paired A/B plan; resumes without duplicates.")
+_phase_command("decide-teardown", "flows.decide_teardown.decide_teardown", "Phase decide/teardown: stop the run's endpoints and decide.")
+
+
+@app.command()
+def teardown(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
+    """Stop every endpoint a run started (no Prefect needed)."""
+    from . import phases
+    from .store import RunStore
+
+    try:
+        rs = RunStore.open(store, run_id)
+    except ConfigError as err:
+        _fail(err)
+    for entry in phases.teardown(rs, log=lambda m: console.print(m)):
+        out.print(entry)
+
+
+@app.command()
+def reap(
+    older_than: float = typer.Option(0.0, help="only servers started more than this many seconds ago"),
+    run_id: Optional[str] = typer.Option(None, "--run-id"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list, do not stop"),
+) -> None:
+    """Stop local vLLM servers left behind by crashed runs (and old Modal apps, where configured)."""
+    from .targets import local
+
+    if dry_run:
+        for rec in local.leftovers():
+            out.print(rec)
+        return
+    stopped = local.reap(run_id=run_id, older_than_s=older_than)
+    for rec in stopped:
+        out.print(f"stopped local server pid={rec['pid']} port={rec['port']} run={rec['run_id']} arm={rec['arm']}")
+    print(f"reaped={len(stopped)}")
+
+
+@app.command()
+def runs(store: str = STORE_OPT) -> None:
+    """List past runs with their decision and key metrics."""
+    from .report import runs_table
+
+    out.print(runs_table(store))
+
+
+@app.command()
+def report(run_id: str = typer.Argument(...), store: str = STORE_OPT, open_browser: bool = typer.Option(False, "--open")) -> None:
+    """Print a run's report (and open its HTML report with --open)."""
+    from .store import RunStore
+
+    try:
+        rs = RunStore.open(store, run_id)
+    except ConfigError as err:
+        _fail(err)
+    md = rs.path("report.md")
+    if not md.is_file():
+        _fail(f"{md} does not exist yet: run `guided-ab evaluate --run-id {run_id}` first")
+    from rich.markdown import Markdown
+
+    out.print(Markdown(md.read_text()))
+    html = rs.path("report.html")
+    if html.is_file():
+        out.print(f"HTML report: {html}")
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(html.as_uri())
+
+
+@app.command()
+def simulate(experiments: int = typer.Option(400, "--experiments"), seed: int = 0, pairs: int = 200) -> None:
+    """Run synthetic experiments with known truth: interval coverage and decision error rates."""
+    from .simulate import simulate as run_sim
+
+    res = run_sim(experiments, seed=seed, pairs=pairs)
+    for k, v in res.items():
+        if k not in ("coverage", "wrong_decisions"):
+            out.print(f"{k}: {v}")
+    print(f"coverage={res['coverage']:.3f} wrong_decisions={res['wrong_decisions']:.3f}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

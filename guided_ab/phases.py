@@ -1,0 +1,188 @@
+"""The experiment phases, Prefect-free: deploy, observe, A/B, evaluate, decide, teardown.
+
+Each phase reads what it needs from the run store and writes its results there, so any phase
+can be re-run alone with a run id. Prefect flows (flows/) call these through thin tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+from .config import ConfigError, DecisionOverrides, ExperimentConfig
+from .plan import Plan, make_plan
+from .runner import PhaseResult, Progress, run_plan
+from .store import RunStore
+from .targets import start_arm, stop_endpoint, wait_arm
+from .targets.base import Endpoint
+from .workload import WARMUP_ITEM, WorkItem, load_workload
+
+Log = Callable[[str], None]
+
+
+# -- deploy ------------------------------------------------------------------------------------
+def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) -> dict[str, Endpoint]:
+    """Start every arm (not yet waiting); endpoints.json is written after each start, so a
+    failure half-way still leaves a record of what must be torn down."""
+    endpoints = load_endpoints(store, missing_ok=True)
+    for arm in cfg.arms:
+        if arm.name in endpoints:
+            continue  # idempotent re-run of deploy: keep what is already up
+        log(f"starting arm '{arm.name}' ({arm.target}, backend={arm.backend})")
+        endpoints[arm.name] = start_arm(arm, store)
+        save_endpoints(store, endpoints)
+    return endpoints
+
+
+def wait_endpoints(cfg: ExperimentConfig, store: RunStore, endpoints: dict[str, Endpoint], log: Log = print) -> dict[str, float]:
+    waited = {}
+    for name, ep in endpoints.items():
+        waited[name] = wait_arm(ep, cfg.server_start_timeout_s)
+        log(f"arm '{name}' ready at {ep.base_url} after {waited[name]:.1f} s")
+    store.write_json("deploy.json", {"ready_after_s": waited, "at": time.time()})
+    return waited
+
+
+def save_endpoints(store: RunStore, endpoints: dict[str, Endpoint]) -> None:
+    store.write_json("endpoints.json", {k: v.model_dump() for k, v in endpoints.items()})
+
+
+def load_endpoints(store: RunStore, *, missing_ok: bool = False) -> dict[str, Endpoint]:
+    if not store.has("endpoints.json"):
+        if missing_ok:
+            return {}
+        raise ConfigError(f"run {store.run_id} has no endpoints.json: run the deploy phase first")
+    return {k: Endpoint.model_validate(v) for k, v in store.read_json("endpoints.json").items()}
+
+
+# -- plans -------------------------------------------------------------------------------------
+def workload_items(cfg: ExperimentConfig, base_dir: Path | None = None) -> tuple[list[WorkItem], list[WorkItem]]:
+    """(observe items, A/B items): disjoint, from the config's workload and seed."""
+    items = load_workload(cfg.workload, base_dir)
+    return items[: cfg.workload.observe_size], items[cfg.workload.observe_size :]
+
+
+def build_plans(cfg: ExperimentConfig, store: RunStore, base_dir: Path | None = None) -> dict[str, Plan]:
+    """The observe and A/B plans, saved once; a re-run reads the saved plans (same order, same ids)."""
+    plans = {}
+    for phase in ("observe", "ab"):
+        name = f"plan-{phase}.json"
+        if store.has(name):
+            plans[phase] = Plan.model_validate(store.read_json(name))
+    if len(plans) == 2:
+        return plans
+    observe_items, ab_items = workload_items(cfg, base_dir)
+    wl = cfg.workload
+    plans["observe"] = make_plan(
+        "observe", [a.name for a in cfg.candidates], observe_items, seed=wl.seed, stream_share=wl.stream_share,
+    )
+    plans["ab"] = make_plan(
+        "ab", [a.name for a in cfg.arms], ab_items, seed=wl.seed, warmup_items=_warmups(wl.warmup),
+        stream_share=wl.stream_share, repeats=wl.repeats,
+    )
+    for phase, plan in plans.items():
+        store.write_json(f"plan-{phase}.json", plan.model_dump())
+    return plans
+
+
+def _warmups(n: int) -> list[WorkItem]:
+    return [WARMUP_ITEM.model_copy(update={"schema_id": f"warmup-{i}"}) for i in range(n)]
+
+
+def planned_counts(plans: dict[str, Plan]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for phase, plan in plans.items():
+        counts: dict[str, int] = {}
+        for r in plan.requests:
+            counts[r.arm] = counts.get(r.arm, 0) + 1
+        out[phase] = counts
+    return out
+
+
+# -- observe / A/B -----------------------------------------------------------------------------
+def run_requests(cfg: ExperimentConfig, store: RunStore, phase: str, progress: Progress | None = None) -> PhaseResult:
+    """Send (the rest of) a phase's plan; finalize its records as parquet."""
+    plan = build_plans(cfg, store)[phase]
+    endpoints = load_endpoints(store)
+    missing = sorted(set(plan.arms) - set(endpoints))
+    if missing:
+        raise ConfigError(f"run {store.run_id}: no endpoint for arm(s) {missing}; re-run the deploy phase")
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is optional (not on Windows)
+        runner = asyncio.run
+    try:
+        result = runner(run_plan(plan, {a: endpoints[a] for a in plan.arms}, store, cfg.workload, progress=progress))
+    finally:
+        store.finalize_records(phase)  # whatever was recorded is kept, also on failure
+    return result
+
+
+# -- teardown ----------------------------------------------------------------------------------
+def teardown(store: RunStore, log: Log = print) -> list[dict]:
+    """Stop every endpoint this run started. Safe to call repeatedly and after any failure."""
+    endpoints = load_endpoints(store, missing_ok=True)
+    previous = {e["arm"]: e for e in store.read_json("teardown.json", default={"arms": []}).get("arms", [])}
+    entries = []
+    for name, ep in endpoints.items():
+        if name in previous and previous[name].get("stopped") is not None and ep.target != "local":
+            entries.append(previous[name])
+            continue
+        entry = stop_endpoint(ep)
+        if name in previous:  # a repeated teardown keeps the first stop time (the cost clock)
+            entry = {**entry, **{k: previous[name][k] for k in ("stopped_at", "held_s", "cost_usd") if k in previous[name]}}
+        entries.append(entry)
+        log(f"arm '{name}': {'stopped' if entry['stopped'] else 'already stopped'} ({ep.target})")
+    store.write_json("teardown.json", {"arms": entries, "at": time.time()})
+    return entries
+
+
+# -- evaluate / decide -------------------------------------------------------------------------
+def _rule_config(store: RunStore, overrides: DecisionOverrides | None) -> ExperimentConfig:
+    cfg = store.load_config()
+    if overrides is None:
+        return cfg
+    return cfg.model_copy(update={"decision": overrides.apply(cfg.decision)})
+
+
+def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) -> dict:
+    """evaluation.json from the stored records; touches no endpoint."""
+    from .evaluation import evaluate
+
+    cfg = _rule_config(store, overrides)
+    endpoints = {k: v.model_dump() for k, v in load_endpoints(store, missing_ok=True).items()}
+    evaluation = evaluate(
+        store.records(), cfg, planned=planned_counts(build_plans(cfg, store)), costs=costs(store), endpoints=endpoints,
+    )
+    store.write_json("evaluation.json", evaluation)
+    return evaluation
+
+
+def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> dict:
+    """decision.json and report.md from evaluation.json and the (possibly overridden) rule."""
+    from .decision import decide
+    from .report import write_reports
+
+    cfg = _rule_config(store, overrides)
+    evaluation = store.read_json("evaluation.json")
+    decision = decide(evaluation, cfg.decision)
+    decision["thresholds"] = cfg.decision.model_dump()
+    # the config snapshot stays the pre-registration; changed thresholds are recorded as such
+    decision["overridden"] = overrides.model_dump(exclude_none=True) if overrides else {}
+    decision["decided_at"] = time.time()
+    store.write_json("decision.json", decision)
+    write_reports(store, cfg, evaluation, decision)
+    return decision
+
+
+def costs(store: RunStore) -> dict[str, float]:
+    return {e["arm"]: e.get("cost_usd", 0.0) for e in store.read_json("teardown.json", default={"arms": []})["arms"]}
+
+
+def dump(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)

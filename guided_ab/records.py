@@ -1,0 +1,58 @@
+"""The request record: exactly one per request sent, the unit every statistic is computed from."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+Outcome = Literal[
+    "success",  # parsed JSON that validates against the schema
+    "rejected",  # HTTP 4xx: the server refused the request (message kept in `error`)
+    "server_error",  # HTTP 5xx
+    "timeout",  # no complete answer within the per-request timeout
+    "connection_error",  # refused, reset, cut stream, protocol garbage
+    "truncated",  # finish_reason == "length": the answer hit max_tokens
+    "invalid_json",  # the answer is not JSON (or an HTTP 200 body that is not a completion)
+    "schema_violation",  # JSON that does not validate against the schema
+]
+OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
+TRANSIENT_OUTCOMES = frozenset({"server_error", "timeout", "connection_error"})
+
+
+class RequestRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    phase: str  # observe | ab | canary
+    arm: str
+    request_id: str  # idempotency key: unique per planned request within the run
+    schema_id: str
+    subset: str
+    order_index: int  # position in the phase's planned order (across arms)
+    pair_index: int  # the schema's index in the phase: same value on every arm = one pair
+    warmup: bool
+    first_for_schema: bool  # first request with this schema on this arm in the run (grammar compile)
+    stream: bool
+    attempt: int  # 1 on the first send; a resumed phase re-sends unrecorded requests as attempt 2, ...
+    sent_at: float  # unix time the request was sent
+    ttft_s: float | None = None  # time to first content token (streaming only)
+    latency_s: float | None = None  # end to end, send to last byte
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    finish_reason: str | None = None
+    http_status: int | None = None
+    backend: str | None = None  # structured-output backend the server resolved for this request
+    outcome: Outcome
+    error: str | None = None
+    output: str | None = None
+
+
+RECORD_COLUMNS: list[str] = list(RequestRecord.model_fields)
+
+
+def records_frame(records: list[RequestRecord] | list[dict]) -> pd.DataFrame:
+    """A DataFrame with the record columns in a fixed order (also when empty)."""
+    rows = [r.model_dump() if isinstance(r, RequestRecord) else r for r in records]
+    return pd.DataFrame(rows, columns=RECORD_COLUMNS)

