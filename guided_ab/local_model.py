@@ -11,6 +11,7 @@ This module only imports the standard library at the top: it is run with the *se
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -82,7 +83,14 @@ def convert(out: Path) -> None:
         fresh.load_state_dict(loaded.state_dict())
         fresh = fresh.to(torch.bfloat16)
         fresh.config.torch_dtype = torch.bfloat16
+        # the loaded config still says "quantization: gguf", which vLLM would try to honour
+        if hasattr(fresh.config, "quantization_config"):
+            delattr(fresh.config, "quantization_config")
         fresh.save_pretrained(str(tmp), safe_serialization=True)
+        cfg_path = tmp / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.pop("quantization_config", None)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
         tok.save_pretrained(str(tmp))
         (tmp / MARKER).write_text(f"converted from {gguf}\n")
         if out.exists():

@@ -1,0 +1,214 @@
+"""The plan of an experiment before anything runs: arms, where they are served, requests, cost.
+
+`guided-ab run CONFIG --dry-run` prints `describe_plan(cfg)`. Nothing here touches the network
+or starts a server: app names, GPU counts and request counts come from the config, and time
+and cost from stated assumptions (by default the seed's ~14 s per request).
+
+Cost model: every arm this run starts is held from deploy to teardown, i.e. its start-up plus
+the observe and A/B phases (the phases run one after the other; within a phase
+`workload.concurrency` requests are in flight across all arms). Held hours times the arm's $/h
+(Modal: GPU $/h x GPU count; local/external: the arm's cost_per_hour) is its cost, the same
+formula the teardown records with the measured held time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .config import Arm, ExperimentConfig
+from .targets import modal_target
+
+SEED_LATENCY_S = 14.0  # the seed's average end-to-end latency per structured request
+MODAL_STARTUP_S = 600.0  # assumed cold start of a Modal arm: container, weights from the Volume, vLLM load
+LOCAL_STARTUP_S = 60.0  # a local CPU server with --enforce-eager (measured ~55 s)
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    arm: str
+    role: str
+    target: str
+    backend: str
+    model: str
+    where: str  # Modal app name, external URL, or "this machine"
+    gpu: str  # "H100 x 4" or "-"
+    warmup: int
+    observe: int
+    ab: int
+    startup_s: float
+    held_s: float
+    cost_per_hour: float
+    max_startup_s: float  # the startup timeout: a start cannot take longer without failing
+
+    @property
+    def requests(self) -> int:
+        return self.warmup + self.observe + self.ab
+
+    @property
+    def cost_usd(self) -> float:
+        return self.held_s / 3600 * self.cost_per_hour
+
+    @property
+    def slow_start_cost_usd(self) -> float:
+        """The cost if the start takes as long as the startup timeout allows."""
+        return (self.held_s - self.startup_s + self.max_startup_s) / 3600 * self.cost_per_hour
+
+
+@dataclass(frozen=True)
+class ExperimentPlan:
+    experiment: str
+    run_id: str
+    phases: list[str]
+    arms: list[ArmPlan]
+    observe_s: float
+    ab_s: float
+    latency_s: float
+    concurrency: int
+    modal_startup_s: float
+    local_startup_s: float
+
+    @property
+    def requests(self) -> int:
+        return sum(a.requests for a in self.arms)
+
+    @property
+    def cost_usd(self) -> float:
+        return sum(a.cost_usd for a in self.arms)
+
+    @property
+    def slow_start_cost_usd(self) -> float:
+        return sum(a.slow_start_cost_usd for a in self.arms)
+
+    @property
+    def wall_s(self) -> float:
+        return max((a.held_s for a in self.arms), default=0.0)
+
+
+def _phase_s(n_requests: int, concurrency: int, latency_s: float) -> float:
+    return math.ceil(n_requests / concurrency) * latency_s if n_requests else 0.0
+
+
+def _where(arm: Arm, experiment: str, run_id: str) -> str:
+    if arm.target == "modal":
+        return modal_target.app_name(experiment, arm.name, run_id)
+    if arm.target == "external":
+        return arm.url or "-"
+    return "this machine"
+
+
+def plan_experiment(
+    cfg: ExperimentConfig,
+    *,
+    run_id: str | None = None,
+    latency_s: float = SEED_LATENCY_S,
+    modal_startup_s: float = MODAL_STARTUP_S,
+    local_startup_s: float = LOCAL_STARTUP_S,
+) -> ExperimentPlan:
+    """Per arm: where it runs, how many requests it gets, how long it is held and what it costs."""
+    if run_id is None:
+        from .store import new_run_id
+
+        run_id = new_run_id(cfg.name)
+    wl = cfg.workload
+    phases = list(cfg.phases)
+    observe_n = wl.observe_size if "observe" in phases else 0
+    warmup_n = wl.warmup if "ab" in phases else 0
+    ab_n = wl.size * wl.repeats if "ab" in phases else 0
+    n_candidates = len(cfg.candidates)
+    observe_s = _phase_s(observe_n * n_candidates, wl.concurrency, latency_s)
+    ab_s = _phase_s((warmup_n + ab_n) * len(cfg.arms), wl.concurrency, latency_s)
+    arms = []
+    for arm in cfg.arms:
+        if "deploy" not in phases or arm.target == "external":
+            startup = 0.0
+        else:
+            startup = modal_startup_s if arm.target == "modal" else local_startup_s
+        modal = arm.target == "modal"
+        arms.append(ArmPlan(
+            arm=arm.name, role=arm.role, target=arm.target, backend=arm.backend, model=arm.model,
+            where=_where(arm, cfg.name, run_id),
+            gpu=f"{arm.modal.gpu} x {arm.modal.gpu_count}" if modal else "-",
+            warmup=warmup_n, observe=observe_n if arm.role == "candidate" else 0, ab=ab_n,
+            startup_s=startup, held_s=startup + observe_s + ab_s,
+            cost_per_hour=modal_target.cost_per_hour(arm) if modal else arm.cost_per_hour,
+            max_startup_s=max(startup, float(arm.modal.startup_timeout_s)) if modal and startup else startup,
+        ))
+    return ExperimentPlan(
+        experiment=cfg.name, run_id=run_id, phases=phases, arms=arms, observe_s=observe_s, ab_s=ab_s,
+        latency_s=latency_s, concurrency=wl.concurrency, modal_startup_s=modal_startup_s,
+        local_startup_s=local_startup_s,
+    )
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def describe_plan(
+    cfg: ExperimentConfig,
+    *,
+    run_id: str | None = None,
+    latency_s: float = SEED_LATENCY_S,
+    modal_startup_s: float = MODAL_STARTUP_S,
+    local_startup_s: float = LOCAL_STARTUP_S,
+) -> str:
+    """The dry-run text: what would be started, sent and paid, and under which assumptions."""
+    p = plan_experiment(
+        cfg, run_id=run_id, latency_s=latency_s, modal_startup_s=modal_startup_s, local_startup_s=local_startup_s,
+    )
+    wl = cfg.workload
+    lines = [
+        f"Dry run of '{p.experiment}': nothing is deployed, no request is sent.",
+        f"phases: {', '.join(p.phases)}",
+        f"workload: suite '{wl.suite}', {wl.size} A/B schemas x {wl.repeats} to every arm,",
+        f"  {wl.observe_size} observe-only to each candidate, {wl.warmup} warm-up per arm, "
+        f"concurrency {wl.concurrency}",
+        "",
+        "arms:",
+    ]
+    for a in p.arms:
+        lines += [
+            f"  {a.arm} ({a.role}): target {a.target}, backend {a.backend}",
+            f"    model: {a.model}",
+            f"    {'app' if a.target == 'modal' else 'where'}: {a.where}",
+        ]
+        if a.target == "modal":
+            s = cfg.arm(a.arm).modal
+            lines += [
+                f"    GPU: {a.gpu} (tensor parallel {s.gpu_count}), ${s.gpu_cost_per_hour:.2f} per GPU-hour",
+                f"    startup timeout {s.startup_timeout_s} s, scale-down {s.scaledown_window_s} s, "
+                f"{s.max_concurrent_inputs} concurrent inputs",
+            ]
+    lines += ["", "requests and estimated cost:"]
+    rows = [["arm", "warmup", "observe", "A/B", "total", "startup", "held", "$/h", "est. cost"]]
+    for a in p.arms:
+        rows.append([
+            a.arm, str(a.warmup), str(a.observe), str(a.ab), str(a.requests), _minutes(a.startup_s),
+            _minutes(a.held_s), f"{a.cost_per_hour:.2f}", f"${a.cost_usd:.2f}",
+        ])
+    rows.append(["all", "", "", "", str(p.requests), "", _minutes(p.wall_s), "", f"${p.cost_usd:.2f}"])
+    lines += ["  " + line for line in _table(rows)]
+    seed_note = " (the seed's mean latency)" if p.latency_s == SEED_LATENCY_S else ""
+    lines += [
+        "",
+        "assumptions:",
+        f"  {p.latency_s:g} s per request{seed_note}, {p.concurrency} in flight across all arms",
+        f"  observe phase {_minutes(p.observe_s)}, A/B phase {_minutes(p.ab_s)}",
+        f"  start-up: Modal {_minutes(p.modal_startup_s)}, local {_minutes(p.local_startup_s)}",
+    ]
+    if any(a.target == "modal" for a in p.arms):
+        lines += [
+            "  if every Modal start takes its whole startup timeout (a first start",
+            f"  downloads the weights): ${p.slow_start_cost_usd:.2f}",
+        ]
+    lines += [
+        "Teardown stops every app this run started; the recorded cost uses the held time.",
+        f"App names are shown for a run id like {p.run_id}.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,177 @@
+"""Human-facing outputs of a run: report.md, the CLI summary table, the list of runs.
+
+The HTML report (plots) lives in guided_ab/html_report.py; this module writes both.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.table import Table
+
+from .config import ExperimentConfig
+from .store import RunStore, atomic_write_text, list_runs
+
+VERDICT_TEXT = {
+    "switch": "SWITCH to the candidate",
+    "keep": "KEEP the control",
+    "inconclusive": "INCONCLUSIVE: run more requests",
+    "invalid": "INVALID experiment: fix and re-run",
+}
+
+
+def _f(x: Any, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def _iv(d: dict | None, fmt: str = "{:.2f}") -> str:
+    if not d or d.get("estimate") is None:
+        return "n/a"
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    if lo is None or hi is None:
+        return _f(d["estimate"], fmt)
+    return f"{fmt.format(d['estimate'])} [{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def arm_rows(evaluation: dict) -> list[dict]:
+    """One row per arm: the seed's comparison table (success, latency, backend, variability, cost)."""
+    rows = []
+    for name, a in evaluation.get("arms", {}).items():
+        lat = a.get("latency", {})
+        backend = a.get("backend", {})
+        counts = backend.get("counts", {})
+        rows.append({
+            "arm": name,
+            "role": a.get("role"),
+            "backend (configured)": a.get("configured_backend"),
+            "n": a.get("n"),
+            "success rate [95% CI]": _iv(a.get("success", {}).get("rate"), "{:.1%}"),
+            "latency p50 s": _iv(lat.get("p50")),
+            "latency p95 s": _iv(lat.get("p95")),
+            "TTFT p50 s": _iv(a.get("ttft", {}).get("p50")),
+            "CV": _iv(a.get("cv") or lat.get("cv")),
+            "backend used": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "n/a",
+            "failures": ", ".join(f"{k} {v}" for k, v in sorted(a.get("outcomes", {}).items()) if k != "success" and v) or "none",
+            "cost USD": _f(a.get("cost", {}).get("usd"), "{:.4f}"),
+        })
+    return rows
+
+
+def criteria_rows(decision: dict) -> list[dict]:
+    return [
+        {
+            "criterion": c.get("name"), "candidate": c.get("candidate"),
+            "estimate": _f(c.get("estimate"), "{:.3f}"),
+            "95% CI": f"[{_f(c.get('ci_low'), '{:.3f}')}, {_f(c.get('ci_high'), '{:.3f}')}]",
+            "margin": _f(c.get("margin"), "{:.3f}"), "verdict": c.get("verdict"),
+        }
+        for c in decision.get("criteria", [])
+    ]
+
+
+def _md_table(rows: list[dict]) -> str:
+    if not rows:
+        return "_none_\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]).replace("|", "/") for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def observe_section(evaluation: dict) -> str:
+    obs = evaluation.get("observe", {})
+    parts = []
+    for arm, a in obs.get("arms", {}).items():
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(a.get("backend_counts", {}).items()))
+        parts.append(f"- **{arm}**: {a.get('n')} requests; backends resolved: {counts or 'n/a'}")
+    per_schema = obs.get("schema_backends", {})
+    if per_schema:
+        parts.append("\nBackend resolved per schema (observe phase, from the server's own resolution):\n")
+        rows = []
+        for arm, schemas in per_schema.items():
+            if isinstance(schemas, dict):
+                rows += [{"arm": arm, "schema": s, "backend": b} for s, b in sorted(schemas.items())]
+        parts.append(_md_table(rows))
+    return "\n".join(parts) + "\n" if parts else "_no observe phase_\n"
+
+
+def render_markdown(cfg: ExperimentConfig, evaluation: dict, decision: dict, run_id: str) -> str:
+    verdict = decision.get("verdict", "?")
+    lines = [
+        f"# {cfg.name}: {VERDICT_TEXT.get(verdict, verdict)}",
+        "",
+        f"Run `{run_id}` — control **{evaluation.get('control')}**, candidates "
+        f"{', '.join('**' + c + '**' for c in evaluation.get('candidates', []))}; serve **{decision.get('serve')}**.",
+        "",
+        "## Why",
+        *[f"- {r}" for r in decision.get("reasons", [])],
+        "",
+        "## Criteria (pre-registered in the config)",
+        _md_table(criteria_rows(decision)),
+    ]
+    if decision.get("overridden"):
+        lines += [f"_Thresholds changed after the run: {json.dumps(decision['overridden'])}_", ""]
+    if verdict == "inconclusive":
+        lines += [f"About **{decision.get('pairs_needed')}** more pairs would settle it "
+                  f"(minimum detectable effect now: {json.dumps(decision.get('mde'))}).", ""]
+    lines += [
+        "## Arms (A/B phase, warm-ups excluded)",
+        _md_table(arm_rows(evaluation)),
+        "## What `auto` chose (observe phase)",
+        observe_section(evaluation),
+        "## Validity gates",
+        _md_table([{"gate": g["name"], "passed": "yes" if g["passed"] else "**NO**", "detail": g.get("detail", "")}
+                   for g in evaluation.get("gates", [])]),
+    ]
+    return "\n".join(lines)
+
+
+def write_reports(store: RunStore, cfg: ExperimentConfig, evaluation: dict, decision: dict) -> None:
+    atomic_write_text(store.path("report.md"), render_markdown(cfg, evaluation, decision, store.run_id))
+    try:
+        from .html_report import write_html_report
+    except ImportError:  # the HTML report is optional
+        return
+    write_html_report(store, cfg, evaluation, decision)
+
+
+def summary_table(run_dir: Path) -> Table:
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    decision = json.loads((run_dir / "decision.json").read_text())
+    rows = arm_rows(evaluation)
+    table = Table(title=f"{run_dir.name}: {VERDICT_TEXT.get(decision['verdict'], decision['verdict'])}")
+    cols = ["arm", "backend (configured)", "n", "success rate [95% CI]", "latency p50 s", "latency p95 s", "backend used", "failures"]
+    for c in cols:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*(str(r[c]) for c in cols))
+    return table
+
+
+def runs_table(root: str | Path) -> Table:
+    table = Table(title=f"runs in {Path(root).resolve()}")
+    for c in ("run id", "decision", "serve", "arms: success / p50 s"):
+        table.add_column(c)
+    for d in list_runs(root):
+        try:
+            decision = json.loads((d / "decision.json").read_text())
+            evaluation = json.loads((d / "evaluation.json").read_text())
+            arms = "; ".join(
+                f"{n}: {_f((a.get('success', {}).get('rate') or {}).get('estimate'), '{:.0%}')} / "
+                f"{_f((a.get('latency', {}).get('p50') or {}).get('estimate'))}"
+                for n, a in evaluation.get("arms", {}).items()
+            )
+            table.add_row(d.name, decision.get("verdict", "?"), str(decision.get("serve")), arms)
+        except (OSError, ValueError):
+            table.add_row(d.name, "(not decided)", "", "")
+    return table
+
+
+def records_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Counts of outcome classes per phase and arm (for artifacts and quick looks)."""
+    if df.empty:
+        return pd.DataFrame()
+    return df.pivot_table(index=["phase", "arm"], columns="outcome", values="request_id", aggfunc="count", fill_value=0)

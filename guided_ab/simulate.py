@@ -1,0 +1,237 @@
+"""Synthetic experiments with known truth, run through `evaluate` + `decide`.
+
+`synthetic_records` generates an A/B phase (and optionally an observe phase) whose truth is
+exact by construction:
+- success: a Gaussian-copula threshold model. Each pair has a shared difficulty z, each request
+  its own noise; a request succeeds when rho z + sqrt(1 - rho^2) e < Phi^-1(p_arm). The marginal
+  success rates are exactly p_control and p_candidate (so the true difference is their
+  difference) and `success_corr` sets how strongly failures share schemas.
+- latency: log L = log(base) + schema effect + N(0, sigma), plus log(ratio) on the candidate.
+  The arms' marginal distributions differ by the factor `ratio` alone, so the true mean, p50
+  and p95 ratios all equal `ratio` and the CV ratio is 1. Whether a request got an answer is
+  independent of its latency, so the truth also holds over answered pairs.
+
+`simulate` draws scenarios (null, faster, slower, less reliable, faster-but-less-reliable, more
+reliable, small effects) and reports interval coverage and decision error rates.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as sps
+
+from .config import Arm, DecisionRule, ExperimentConfig
+from .decision import decide
+from .evaluation import evaluate
+from .records import RECORD_COLUMNS
+
+# how failed requests fail (shares); all but timeout return an answer with a latency
+FAILURE_MIX = {"schema_violation": 0.5, "truncated": 0.2, "invalid_json": 0.15, "timeout": 0.1, "server_error": 0.05}
+
+
+def synthetic_config(*, control: str = "control", candidate: str = "candidate", resamples: int = 2000,
+                     **rule: Any) -> ExperimentConfig:
+    return ExperimentConfig(
+        name="synthetic",
+        arms=[Arm(name=control, role="control", backend="guidance"), Arm(name=candidate, role="candidate", backend="auto")],
+        decision=DecisionRule(bootstrap_resamples=resamples, **rule),
+    )
+
+
+def synthetic_records(
+    pairs: int,
+    *,
+    p_control: float = 0.9,
+    p_candidate: float = 0.9,
+    ratio: float = 1.0,
+    sigma: float = 0.35,
+    schema_sd: float = 0.5,
+    success_corr: float = 0.7,
+    base_latency: float = 1.0,
+    backend_share: float = 0.95,
+    expected_backend: str = "guidance",
+    warmup: int = 1,
+    observe: int = 0,
+    control: str = "control",
+    candidate: str = "candidate",
+    seed: int | np.random.Generator = 0,
+) -> pd.DataFrame:
+    """A records frame (RECORD_COLUMNS) for a paired two-arm experiment with a known truth."""
+    rng = np.random.default_rng(seed)
+    n = int(pairs)
+    z = rng.standard_normal(n)
+    schema = rng.normal(0.0, schema_sd, n)
+    rho = float(success_corr)
+    frames = []
+
+    def block(phase: str, arm: str, pair_index: np.ndarray, warm: np.ndarray, success: np.ndarray,
+              log_lat: np.ndarray, backend: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
+        k = pair_index.size
+        fail_kind = rng.choice(np.array(list(FAILURE_MIX), dtype=object), size=k, p=list(FAILURE_MIX.values()))
+        outcome = np.where(success, "success", fail_kind).astype(object)
+        answered = ~np.isin(outcome, ["timeout", "server_error", "connection_error"])
+        lat = np.exp(log_lat)
+        ttft = lat * rng.uniform(0.05, 0.25, k)
+        toks = rng.integers(20, 200, k)
+        status = np.where(outcome == "server_error", 500, 200).astype(object)
+        status[outcome == "timeout"] = None
+        return {
+            "phase": np.full(k, phase, dtype=object), "arm": np.full(k, arm, dtype=object),
+            "request_id": np.array([f"{phase}-{o:06d}-{arm}" for o in order.tolist()], dtype=object),
+            "schema_id": np.array([f"s{p:05d}" if p >= 0 else f"warm{-p}" for p in pair_index.tolist()], dtype=object),
+            "order_index": order, "pair_index": pair_index, "warmup": warm,
+            "sent_at": 1.7e9 + order * 0.01,
+            "ttft_s": np.where(answered, ttft, np.nan), "latency_s": np.where(answered, lat, np.nan),
+            "completion_tokens": np.where(answered, toks, 0),
+            "finish_reason": np.where(outcome == "truncated", "length", np.where(answered, "stop", None)).astype(object),
+            "http_status": status, "backend": backend, "outcome": outcome,
+        }
+
+    thresholds = {control: sps.norm.ppf(p_control), candidate: sps.norm.ppf(p_candidate)}
+    # plan order: warm-ups first, then pairs with ABBA counterbalancing
+    first_ctrl = (np.arange(n) % 4 == 0) | (np.arange(n) % 4 == 3)
+    base = 2 * warmup
+    for j, arm in enumerate((control, candidate)):
+        success = rho * z + np.sqrt(1 - rho**2) * rng.standard_normal(n) < thresholds[arm]
+        log_lat = np.log(base_latency) + schema + rng.normal(0.0, sigma, n) + (np.log(ratio) if arm == candidate else 0)
+        if arm == control:
+            backend = np.full(n, "guidance", dtype=object)
+            order = base + 2 * np.arange(n) + np.where(first_ctrl, 0, 1)
+        else:
+            backend = np.where(rng.random(n) < backend_share, expected_backend, "xgrammar").astype(object)
+            order = base + 2 * np.arange(n) + np.where(first_ctrl, 1, 0)
+        frames.append(block("ab", arm, np.arange(n), np.zeros(n, bool), success, log_lat, backend, order))
+        if warmup:
+            w = np.arange(warmup)
+            wb = np.full(warmup, "guidance" if arm == control else expected_backend, dtype=object)
+            frames.append(block("ab", arm, -1 - w, np.ones(warmup, bool), np.ones(warmup, bool),
+                                np.full(warmup, np.log(base_latency) + 1.0), wb, 2 * w + j))
+    if observe:
+        k = int(observe)
+        be = np.where(rng.random(k) < backend_share, expected_backend, "xgrammar").astype(object)
+        frames.append(block("observe", candidate, np.arange(k), np.zeros(k, bool), np.ones(k, bool),
+                            np.log(base_latency) + rng.normal(0, sigma, k), be, np.arange(k)))
+    cols = {c: np.concatenate([f[c] for f in frames]) for c in frames[0]}
+    order = np.lexsort((cols["order_index"], cols["phase"] != "ab"))  # observe rows after the A/B rows
+    total = order.size
+    const = {"run_id": "synthetic", "subset": "synthetic", "first_for_schema": True, "stream": True, "attempt": 1,
+             "prompt_tokens": 100, "error": None, "output": None}
+    data = {}
+    for c in RECORD_COLUMNS:
+        v = cols[c][order] if c in cols else np.full(total, const[c], dtype=object if const[c] is None or
+                                                      isinstance(const[c], str) else None)
+        data[c] = pd.Series(v, dtype=object) if v.dtype == object else v
+    return pd.DataFrame(data, columns=RECORD_COLUMNS)
+
+
+def planned_counts(records: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """{phase: {arm: count}} of a frame: the plan a complete synthetic run had."""
+    out: dict[str, dict[str, int]] = {}
+    for (phase, arm), g in records.groupby(["phase", "arm"]):
+        out.setdefault(str(phase), {})[str(arm)] = int(len(g))
+    return out
+
+
+# -- scenarios -------------------------------------------------------------------------------------
+def _scenario(rng: np.random.Generator) -> dict:
+    kind = rng.choice(["null", "faster", "slower", "less_reliable", "faster_less_reliable", "more_reliable", "small"],
+                      p=[0.25, 0.2, 0.1, 0.1, 0.1, 0.1, 0.15])
+    p_ctrl = float(rng.uniform(0.75, 0.97))
+    p_cand, ratio, truth = p_ctrl, 1.0, "keep"
+    if kind == "faster":
+        ratio, truth = float(rng.uniform(0.65, 0.85)), "switch"
+    elif kind == "slower":
+        ratio = float(rng.uniform(1.2, 1.4))
+    elif kind == "less_reliable":
+        p_cand = p_ctrl - float(rng.uniform(0.10, 0.15))
+    elif kind == "faster_less_reliable":
+        ratio, p_cand = float(rng.uniform(0.7, 0.85)), p_ctrl - float(rng.uniform(0.10, 0.15))
+    elif kind == "more_reliable":
+        p_ctrl = float(rng.uniform(0.7, 0.85))
+        p_cand, truth = p_ctrl + float(rng.uniform(0.08, 0.12)), "switch"
+    elif kind == "small":  # near the margins or no-difference: no "right" decision to score
+        ratio, p_cand, truth = float(rng.uniform(0.95, 1.05)), p_ctrl + float(rng.uniform(-0.03, 0.03)), "ambiguous"
+    return {"kind": str(kind), "p_control": p_ctrl, "p_candidate": min(p_cand, 0.995), "ratio": ratio,
+            "truth": truth, "sigma": float(rng.uniform(0.2, 0.6)), "schema_sd": float(rng.uniform(0.2, 0.8)),
+            "success_corr": float(rng.uniform(0.3, 0.9))}
+
+
+def _covers(iv: dict, truth: float) -> bool | None:
+    lo, hi = iv.get("ci_low"), iv.get("ci_high")
+    if lo is None or hi is None:
+        return None
+    return lo <= truth <= hi
+
+
+def _experiment(args: tuple[int, np.random.SeedSequence, int, int]) -> dict:
+    """One synthetic experiment: its scenario, which intervals covered the truth, the verdict."""
+    _, ss, pairs, resamples = args
+    rng = np.random.default_rng(ss)
+    cfg = synthetic_config(resamples=resamples)
+    sc = _scenario(rng)
+    df = synthetic_records(pairs, p_control=sc["p_control"], p_candidate=sc["p_candidate"], ratio=sc["ratio"],
+                           sigma=sc["sigma"], schema_sd=sc["schema_sd"], success_corr=sc["success_corr"], seed=rng)
+    ev = evaluate(df, cfg, planned=planned_counts(df), seed=int(rng.integers(2**31)))
+    dec = decide(ev, cfg.decision)
+    comp = ev["comparisons"]["candidate"]
+    covers = {}
+    for key, iv, truth in (
+        ("success_diff", comp["success"]["diff"], sc["p_candidate"] - sc["p_control"]),
+        ("latency_p50_ratio", comp["latency"]["ratio_p50"], sc["ratio"]),
+        ("latency_mean_ratio", comp["latency"]["ratio_mean"], sc["ratio"]),
+        ("latency_p95_ratio", comp["latency"]["ratio_p95"], sc["ratio"]),
+    ):
+        covers[key] = _covers(iv, truth)
+    return {"kind": sc["kind"], "truth": sc["truth"], "verdict": dec["verdict"], "covers": covers}
+
+
+def simulate(n_experiments: int, seed: int = 0, pairs: int = 200, resamples: int = 1000) -> dict:
+    """Coverage of the 95% intervals and decision error rates over synthetic experiments.
+
+    coverage: share of the success-difference and p50-latency-ratio intervals (the two the
+    decision rests on) that contain the true value; the per-interval shares and the mean/p95
+    ratio intervals are reported too. wrong_decisions: share of all experiments decided
+    "switch" when the truth says keep (null, worse, or worse on a guardrail) or "keep" when
+    the truth says switch (clearly faster or clearly more reliable, equal otherwise);
+    "inconclusive" is never wrong, and small-effect experiments are not scored.
+    Each experiment has its own seed (spawned from `seed`), so any one can be re-run alone.
+    """
+    t0 = time.perf_counter()
+    n_exp = int(n_experiments)
+    seqs = np.random.SeedSequence(seed).spawn(n_exp)
+    results = [_experiment((i, seqs[i], int(pairs), int(resamples))) for i in range(n_exp)]
+    cover: dict[str, list[bool]] = {"success_diff": [], "latency_p50_ratio": [], "latency_mean_ratio": [],
+                                    "latency_p95_ratio": []}
+    decisions: dict[str, dict[str, int]] = {}
+    wrong_switch = wrong_keep = scored_keep = scored_switch = 0
+    for r in results:
+        for key, c in r["covers"].items():
+            if c is not None:
+                cover[key].append(c)
+        v = r["verdict"]
+        decisions.setdefault(r["kind"], {}).setdefault(v, 0)
+        decisions[r["kind"]][v] += 1
+        if r["truth"] == "keep":
+            scored_keep += 1
+            wrong_switch += v == "switch"
+        elif r["truth"] == "switch":
+            scored_switch += 1
+            wrong_keep += v == "keep"
+    main = cover["success_diff"] + cover["latency_p50_ratio"]
+    return {
+        "experiments": n_exp,
+        "pairs": int(pairs),
+        "bootstrap_resamples": int(resamples),
+        "coverage_by_interval": {k: (float(np.mean(v)) if v else None) for k, v in cover.items()},
+        "wrong_switch_rate": wrong_switch / scored_keep if scored_keep else None,
+        "missed_switch_rate": wrong_keep / scored_switch if scored_switch else None,
+        "inconclusive_rate": sum(d.get("inconclusive", 0) for d in decisions.values()) / max(1, n_exp),
+        "decisions_by_scenario": {k: decisions[k] for k in sorted(decisions)},
+        "wall_s": round(time.perf_counter() - t0, 2),
+        "coverage": float(np.mean(main)) if main else float("nan"),
+        "wrong_decisions": (wrong_switch + wrong_keep) / max(1, n_exp),
+    }

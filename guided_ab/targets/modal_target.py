@@ -1,0 +1,301 @@
+"""Modal target: each arm of a run is its own Modal app serving vLLM on GPUs.
+
+The app is modal_apps/vllm_arm.py (image pinned to a vLLM release, HF/vLLM cache Volumes, GPU
+type and count, the API key from a modal.Secret, the attribution middleware). This module
+deploys it from code, finds its URL, waits through cold starts, stops it, and reaps leftovers.
+
+Every call into Modal goes through `ModalSDK`, a thin layer of five methods; tests replace it
+with `use_sdk(fake)` and run the rest of this module for real. Nothing here imports `modal`
+at module level: planning and dry runs work without the optional `modal` package.
+
+The API key: the container reads VLLM_API_KEY from the modal.Secret named in the arm's
+`modal.api_key_secret`; this side reads the same key from GUIDED_AB_MODAL_API_KEY when it
+sends a request (Endpoint.key_ref = "env:GUIDED_AB_MODAL_API_KEY"). Keys never enter the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from ..config import Arm, ConfigError
+from ..local_model import EMBEDDED_MODEL
+from ..vllm_args import SERVED_MODEL_NAME
+from .base import Endpoint
+
+if TYPE_CHECKING:
+    from ..store import RunStore
+
+API_KEY_ENV = "GUIDED_AB_MODAL_API_KEY"
+APP_PREFIX = "gab-"  # every app this pipeline deploys; the reaper only ever touches these
+FUNCTION_NAME = "serve"  # keep in sync with modal_apps.vllm_arm.FUNCTION_NAME
+MAX_APP_NAME = 64  # Modal's limit for object names
+LIVE_STATES = ("deployed", "initializing", "ephemeral", "detached")
+
+
+class ModalTargetError(RuntimeError):
+    """A Modal arm could not be deployed, reached or stopped; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class AppSummary:
+    """One Modal app as the reaper sees it."""
+
+    name: str
+    created_at: float  # unix seconds
+    state: str  # modal.types.AppState value: deployed, stopped, stopping, initializing, ...
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+
+# -- the thin Modal SDK layer ------------------------------------------------------------------
+class ModalSDK:
+    """The only code that talks to Modal (modal>=1.6 Python SDK; no CLI)."""
+
+    def __init__(self, environment_name: str | None = None):
+        self.environment_name = environment_name or os.environ.get("MODAL_ENVIRONMENT") or None
+
+    def deploy_app(self, app: Any, name: str) -> str:
+        """Deploy (or redeploy) `app` under `name`; the web URL of its `serve` function."""
+        import modal
+
+        if os.environ.get("GUIDED_AB_MODAL_OUTPUT"):
+            with modal.enable_output():
+                app.deploy(name=name, environment_name=self.environment_name)
+        else:
+            app.deploy(name=name, environment_name=self.environment_name)
+        url = self.web_url(name)
+        if not url:
+            raise ModalTargetError(f"Modal app {name!r} was deployed but its function {FUNCTION_NAME!r} has no web URL")
+        return url
+
+    def web_url(self, name: str) -> str | None:
+        """The URL of a deployed app's `serve` function; None if there is no such app."""
+        import modal
+        from modal.exception import NotFoundError
+
+        try:
+            return modal.Function.from_name(name, FUNCTION_NAME, environment_name=self.environment_name).get_web_url()
+        except NotFoundError:
+            return None
+
+    def find_app(self, name: str) -> AppSummary | None:
+        """The deployed app of that name, or None when none is deployed (never deployed or stopped)."""
+        import modal
+        from modal.exception import NotFoundError
+
+        try:
+            app = modal.App.lookup(name, environment_name=self.environment_name)
+            info = app.info(refresh=True)
+        except NotFoundError:
+            return None
+        return AppSummary(name, info.lifecycle.created_at.timestamp(), _state(info.lifecycle.state))
+
+    def stop_app(self, name: str) -> bool:
+        """Stop the deployed app of that name. False if there was none (already stopped or never deployed)."""
+        import modal
+        from modal.exception import NotFoundError
+
+        try:
+            app = modal.App.lookup(name, environment_name=self.environment_name)
+            if _state(app.info(refresh=True).lifecycle.state) in ("stopped", "stopping", "disabled"):
+                return False
+            app.stop()
+        except NotFoundError:
+            return False
+        return True
+
+    def list_apps(self) -> list[AppSummary]:
+        """The live apps of the environment (Modal lists stopped ones for a while too; they are left out)."""
+        import modal
+
+        env = (
+            modal.Environment.from_name(self.environment_name)
+            if self.environment_name else modal.Environment.from_context()
+        )
+        out = []
+        for app in env.apps.list():
+            info = app.info()  # filled in by the listing, no extra call
+            out.append(AppSummary(app.name or "", info.lifecycle.created_at.timestamp(), _state(info.lifecycle.state)))
+        return out
+
+
+def _state(state: Any) -> str:
+    return str(getattr(state, "value", state)).lower()
+
+
+_sdk: Any = None
+
+
+def sdk() -> ModalSDK:
+    """The SDK layer in use (created on first use)."""
+    global _sdk
+    if _sdk is None:
+        _sdk = ModalSDK()
+    return _sdk
+
+
+@contextmanager
+def use_sdk(replacement: Any) -> Iterator[Any]:
+    """Use another object with ModalSDK's methods (a fake, in tests) inside the block."""
+    global _sdk
+    before, _sdk = _sdk, replacement
+    try:
+        yield replacement
+    finally:
+        _sdk = before
+
+
+# -- names and cost ----------------------------------------------------------------------------
+def _slug(text: str) -> str:
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text.lower())).strip("-")
+
+
+def _short_hash(text: str, n: int) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:n]
+
+
+def run_prefix(experiment: str, run_id: str) -> str:
+    """The common start of the app names of one run (all its arms): `gab-<experiment>-<run>-`."""
+    exp = _slug(experiment)[:20].strip("-") or "exp"
+    run = _slug(run_id.removeprefix(f"{experiment}-")) or _short_hash(run_id, 8)
+    if len(run) > 21:
+        run = f"{run[:12].strip('-')}-{_short_hash(run_id, 8)}"
+    return f"{APP_PREFIX}{exp}-{run}-"
+
+
+def app_name(experiment: str, arm: str, run_id: str) -> str:
+    """The Modal app name of one arm of one run: `gab-<experiment>-<run>-<arm>`, at most 64 characters.
+
+    Lowercase letters, digits and dashes only (it becomes part of the web URL). Long parts are
+    shortened with a hash, so names stay distinct per (experiment, run, arm).
+    """
+    prefix = run_prefix(experiment, run_id)
+    room = MAX_APP_NAME - len(prefix)
+    part = _slug(arm) or "arm"
+    if len(part) > room:
+        part = f"{part[: room - 5].strip('-')}-{_short_hash(arm, 4)}"
+    return prefix + part
+
+
+def cost_per_hour(arm: Arm) -> float:
+    """USD per hour while the arm's app is held: the GPU's $/h times the GPU count."""
+    return arm.modal.gpu_cost_per_hour * arm.modal.gpu_count
+
+
+def _experiment_name(store: RunStore) -> str:
+    try:
+        return store.load_config().name
+    except (ConfigError, OSError):
+        return store.run_id
+
+
+# -- deploy / wait / stop / reap ---------------------------------------------------------------
+def check_arm(arm: Arm) -> None:
+    """Refuse a Modal arm that could not work, before anything is paid for."""
+    if arm.target != "modal":
+        raise ConfigError(f"arm '{arm.name}': target is {arm.target!r}, not 'modal'")
+    if arm.model == EMBEDDED_MODEL:
+        raise ConfigError(
+            f"arm '{arm.name}': model {arm.model!r} is not a Hugging Face model id; a Modal arm downloads "
+            "its model in the container, e.g. model: Qwen/Qwen2.5-0.5B-Instruct"
+        )
+    if not os.environ.get(API_KEY_ENV):
+        raise ConfigError(
+            f"arm '{arm.name}': export {API_KEY_ENV} with the same key as VLLM_API_KEY in the Modal secret "
+            f"'{arm.modal.api_key_secret}' (modal secret create {arm.modal.api_key_secret} VLLM_API_KEY=...)"
+        )
+
+
+def deploy(arm: Arm, store: RunStore) -> Endpoint:
+    """Deploy the arm's app (or reuse it if this run already deployed it); returns without waiting.
+
+    Idempotent: a re-run of the deploy phase for the same run finds the app by name and reuses
+    it (same URL, held since its creation) instead of deploying it again.
+    """
+    check_arm(arm)
+    from modal_apps.vllm_arm import VLLM_VERSION, ArmSpec, build_app
+
+    name = app_name(_experiment_name(store), arm.name, store.run_id)
+    layer = sdk()
+    try:
+        existing = layer.find_app(name)
+        url = layer.web_url(name) if existing and existing.live else None
+        if url and existing:
+            started = existing.created_at
+        else:
+            started = time.time()
+            url = layer.deploy_app(build_app(ArmSpec(arm=arm, app_name=name)), name)
+    except (ModalTargetError, ConfigError):
+        raise
+    except Exception as err:  # the SDK's errors (auth, build, quota) carry their own detail
+        raise ModalTargetError(
+            f"deploying arm '{arm.name}' as Modal app {name!r} failed: {type(err).__name__}: {err} "
+            "(check `modal token info`, the secret, and the GPU type)"
+        ) from err
+    return Endpoint(
+        run_id=store.run_id, arm=arm.name, target="modal", base_url=url.rstrip("/").removesuffix("/v1"),
+        model=SERVED_MODEL_NAME, backend=arm.backend, key_ref=f"env:{API_KEY_ENV}", started_at=started,
+        app_name=name, vllm_version=VLLM_VERSION, cost_per_hour=cost_per_hour(arm),
+    )
+
+
+def wait_ready(ep: Endpoint, deadline_s: float, *, poll_s: float = 5.0, request_timeout_s: float = 30.0) -> float:
+    """Poll GET /health until 200; seconds waited.
+
+    A scaled-to-zero Modal app answers 503 (or holds the request, or drops the connection)
+    while its container starts and vLLM loads the model: all of that means "keep waiting".
+    """
+    t0 = time.monotonic()
+    last = "no answer yet"
+    with httpx.Client(follow_redirects=True) as http:
+        while True:
+            left = deadline_s - (time.monotonic() - t0)
+            if left <= 0:
+                break
+            try:
+                # never a uselessly short timeout: the last poll may end up to 2 s past the deadline
+                r = http.get(ep.base_url + "/health", timeout=min(request_timeout_s, max(left, 2.0)))
+                if r.status_code == 200:
+                    return time.monotonic() - t0
+                last = f"HTTP {r.status_code}"
+            except httpx.HTTPError as err:
+                last = type(err).__name__
+            time.sleep(max(0.0, min(poll_s, deadline_s - (time.monotonic() - t0))))
+    raise ModalTargetError(
+        f"Modal app {ep.app_name!r} of arm '{ep.arm}' ({ep.base_url}) was not ready within {deadline_s:g} s "
+        f"(last: {last}); large models need a long start: raise server_start_timeout_s and the arm's "
+        f"modal.startup_timeout_s, and see `modal app logs {ep.app_name}`"
+    )
+
+
+def stop(ep: Endpoint) -> bool:
+    """Stop the arm's app. True if it was running; False if it was already stopped or gone."""
+    if not ep.app_name:
+        return False
+    return sdk().stop_app(ep.app_name)
+
+
+def reap(prefix: str = APP_PREFIX, older_than_s: float = 0.0, *, now: float | None = None) -> list[str]:
+    """Stop live apps whose name starts with `prefix` (always within `gab-`) and that are older
+    than `older_than_s`; the names stopped. For a scheduled clean-up of crashed runs."""
+    if not prefix.startswith(APP_PREFIX):
+        raise ConfigError(f"reap prefix {prefix!r} must start with {APP_PREFIX!r}: only this pipeline's apps are reaped")
+    now = time.time() if now is None else now
+    layer = sdk()
+    stopped = []
+    for app in layer.list_apps():
+        if app.live and app.name.startswith(prefix) and now - app.created_at >= older_than_s:
+            if layer.stop_app(app.name):
+                stopped.append(app.name)
+    return stopped

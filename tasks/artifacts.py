@@ -1,0 +1,35 @@
+"""Publish a run's results as Prefect artifacts (keys stable per experiment name)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from guided_ab.report import arm_rows, criteria_rows
+from guided_ab.store import RunStore
+
+
+@task(name="publish-results")
+def publish_results(store: RunStore) -> list[str]:
+    cfg = store.load_config()
+    evaluation = store.read_json("evaluation.json")
+    decision = store.read_json("decision.json")
+    key = cfg.name
+    desc = f"run {store.run_id}: {decision['verdict']}"
+    ids = [
+        create_markdown_artifact(store.path("report.md").read_text(), key=f"{key}-report", description=desc),
+        create_table_artifact(arm_rows(evaluation), key=f"{key}-arms", description=f"per-arm results, {desc}"),
+        create_table_artifact(criteria_rows(decision) or [{"criterion": "none"}], key=f"{key}-criteria", description=desc),
+        create_table_artifact(
+            [{"arm": arm, **a.get("outcomes", {})} for arm, a in evaluation.get("arms", {}).items()],
+            key=f"{key}-failure-classes", description=f"outcome classes per arm, {desc}",
+        ),
+    ]
+    for name in ("report.html", "report.md", "decision.json", "evaluation.json"):
+        p = store.path(name)
+        if p.is_file():
+            ids.append(create_link_artifact(
+                p.as_uri(), link_text=f"{name} ({store.run_id})",
+                key=f"{key}-{name.replace('.', '-')}", description=desc,
+            ))
+    return [str(i) for i in ids]
