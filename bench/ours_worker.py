@@ -11,6 +11,11 @@ loopback server's answers validate), so every request goes through chat_body, se
 classify, a RequestRecord and the fsync'd journal, exactly as in an experiment phase.
 `--rate R` sends with Poisson arrivals at R requests/s (open loop, `--concurrency` caps what is
 in flight). `--impl DIR` imports `guided_ab` from DIR first (e.g. an older checkout, to compare).
+
+`--memory N` instead measures memory for N requests: it writes an N-record journal (two arms),
+runs run_plan on that phase (everything recorded: the resume bookkeeping) and reports the peak
+RSS, then, in a fresh process, the peak RSS of loading the N records as a DataFrame
+(RunStore.records, what evaluate reads).
 """
 
 from __future__ import annotations
@@ -26,6 +31,58 @@ import time
 from pathlib import Path
 
 PROMPT = ("Benchmark request {i}: describe the weather in one short JSON object. " * 4).strip()
+
+
+def _maxrss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _memory(n: int, out: Path) -> None:
+    import subprocess
+
+    from guided_ab.config import Workload
+    from guided_ab.plan import make_plan
+    from guided_ab.records import RequestRecord
+    from guided_ab.runner import run_plan
+    from guided_ab.store import RunStore
+    from guided_ab.targets.base import Endpoint
+    from guided_ab.workload import WorkItem
+
+    root = tempfile.mkdtemp(prefix="guided-ab-memory-")
+    try:
+        schema = {"type": "object", "properties": {"id": {"type": "string"}}}
+        items = [WorkItem(schema_id=f"s{i:06d}", subset="bench", prompt=PROMPT.format(i=i), json_schema=schema)
+                 for i in range((n + 1) // 2)]
+        plan = make_plan("ab", ["a", "b"], items, seed=1)
+        store = RunStore(root, "memory")
+        store.path("records").mkdir(parents=True, exist_ok=True)
+        output = json.dumps({"id": "chatcmpl-lb0", "pad": "tok " * 16})
+        with open(store.journal_path("ab"), "w", encoding="utf-8") as f:
+            for r in plan.requests:
+                f.write(RequestRecord(
+                    run_id="memory", phase="ab", arm=r.arm, request_id=r.request_id, schema_id=r.schema_id,
+                    subset="bench", order_index=r.order_index, pair_index=r.pair_index, warmup=r.warmup,
+                    first_for_schema=r.first_for_schema, stream=True, attempt=1, sent_at=time.time(), ttft_s=0.01,
+                    latency_s=0.1, prompt_tokens=70, completion_tokens=20, finish_reason="stop", http_status=200,
+                    backend="loopback", outcome="success", output=output,
+                ).model_dump_json() + "\n")
+        endpoints = {arm: Endpoint(run_id="memory", arm=arm, target="external", base_url="http://127.0.0.1:9",
+                                   model="m", backend="x") for arm in ("a", "b")}
+        import asyncio
+
+        result = asyncio.run(run_plan(plan, endpoints, store, Workload(concurrency=64)))
+        assert result.recorded == len(plan.requests) and result.sent_now == 0, result
+        rss_resume = _maxrss_mb()
+        child = Path(root) / "load.json"
+        subprocess.run([sys.executable, __file__, "--url", "-", "--requests", "0", "--out", str(child),
+                        "--memory-load", root, "memory"], check=True, timeout=600)
+        loaded = json.loads(child.read_text())
+        out.write_text(json.dumps({"requests": len(plan.requests), "rss_resume_mb": rss_resume,
+                                   "rss_records_mb": loaded["rss_mb"], "rows": loaded["rows"]}))
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _cpu() -> float:
@@ -45,12 +102,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--impl", default=None, help="import guided_ab from this directory first")
     ap.add_argument("--store", default=None, help="run store root (default: a temporary directory)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--memory", type=int, default=0, metavar="N", help="measure memory for N requests instead")
+    ap.add_argument("--memory-load", nargs=2, metavar=("ROOT", "RUN_ID"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
 
     repo = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(repo))
     if a.impl:
         sys.path.insert(0, str(Path(a.impl).resolve()))
+    if a.memory_load:
+        from guided_ab.store import RunStore
+
+        df = RunStore(*a.memory_load).records(("ab",))
+        Path(a.out).write_text(json.dumps({"rows": len(df), "rss_mb": _maxrss_mb()}))
+        return
+    if a.memory:
+        _memory(a.memory, Path(a.out))
+        return
 
     import guided_ab
     from guided_ab.config import Workload
@@ -93,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     result = runner(run_plan(plan, endpoints, store, wl, **kwargs))
     wall, cpu = time.perf_counter() - wall0, _cpu() - cpu0
     t_stop = time.time()
-    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    maxrss_mb = _maxrss_mb()
 
     rows = []
     for r in store.journal("ab"):

@@ -1,4 +1,5 @@
-"""Phase 4: evaluate — metrics, intervals, tests and validity gates from the stored records.
+"""Phase 4: evaluate — metrics, intervals, tests and validity gates from the stored records,
+then the decision rule and the report artifacts.
 
 Touches no endpoint: re-run it from the UI or CLI with other thresholds at no GPU cost.
 """
@@ -8,12 +9,17 @@ from __future__ import annotations
 from prefect import flow
 
 from guided_ab.config import DecisionOverrides
-from tasks.analysis import evaluate_run
+from tasks.analysis import decide_run, evaluate_run
+from tasks.artifacts import publish_results
 
 from ._common import DEFAULT_STORE, open_run
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(run_id: str, store: str = DEFAULT_STORE, thresholds: DecisionOverrides | None = None) -> dict:
+    """Re-compute evaluation.json and decision.json (thresholds override the config's, recorded as such)."""
     rs, _ = open_run(run_id, store)
-    return evaluate_run(rs, thresholds)
+    evaluate_run(rs, thresholds)
+    decision = decide_run(rs, thresholds)
+    publish_results(rs)
+    return decision

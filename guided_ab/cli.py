@@ -56,7 +56,7 @@ def run(
     if dry_run:
         from .dry_run import describe_plan
 
-        out.print(describe_plan(cfg), highlight=False)
+        out.print(describe_plan(cfg), highlight=False, soft_wrap=True)
         return
     _prefect_defaults()
     from flows.experiment import experiment
@@ -161,17 +161,20 @@ def reap(
     older_than: float = typer.Option(0.0, help="only servers started more than this many seconds ago"),
     run_id: Optional[str] = typer.Option(None, "--run-id"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list, do not stop"),
+    modal_prefix: Optional[str] = typer.Option(
+        None, help="also stop deployed Modal apps whose name starts with this (e.g. 'gab-'); needs a Modal token"
+    ),
 ) -> None:
-    """Stop local vLLM servers left behind by crashed runs (and old Modal apps, where configured)."""
-    from .targets import local
+    """Stop local vLLM servers left behind by crashed runs, and (with --modal-prefix) old Modal apps."""
+    from .reaper import reap_everything
 
     if dry_run:
+        from .targets import local
+
         for rec in local.leftovers():
             out.print(rec)
         return
-    stopped = local.reap(run_id=run_id, older_than_s=older_than)
-    for rec in stopped:
-        out.print(f"stopped local server pid={rec['pid']} port={rec['port']} run={rec['run_id']} arm={rec['arm']}")
+    stopped = reap_everything(run_id=run_id, older_than_s=older_than, modal_prefix=modal_prefix, log=out.print)
     print(f"reaped={len(stopped)}")
 
 

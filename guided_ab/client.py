@@ -81,13 +81,33 @@ def chat_body(model: str, prompt: str, schema: dict, *, name: str, temperature: 
     return body
 
 
+def _count(value: Any) -> int | None:
+    """A token count from the server: an int or None; anything else is garbage (TypeError)."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise TypeError(f"token count {value!r} is not an integer")
+
+
+def _str(value: Any) -> str | None:
+    """A text field from the server: a str or None; anything else is garbage (TypeError)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"{value!r} is not a string")
+
+
+def _header(value: str | None) -> str | None:
+    """A header value as plain text: aiohttp keeps non-UTF-8 bytes as lone surrogates, which no
+    record can be written with (JSON needs valid UTF-8)."""
+    return None if value is None else value.encode("utf-8", "replace").decode("utf-8")
+
+
 def _short(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
 def _error_message(raw: bytes) -> str:
     try:
-        data = json.loads(raw)
+        data = _loads(raw)
         if isinstance(data, dict):
             err = data.get("error", data)
             if isinstance(err, dict):
@@ -145,17 +165,17 @@ class _StreamState:
         try:
             for choice in chunk.get("choices") or ():
                 delta = choice.get("delta")
-                content = delta.get("content") if delta else None
+                content = _str(delta.get("content")) if delta else None
                 if content:
                     if out.ttft_s is None:
                         out.ttft_s = now - t0
                     self.parts.append(content)
                 if choice.get("finish_reason"):
-                    out.finish_reason = choice["finish_reason"]
+                    out.finish_reason = _str(choice["finish_reason"])
             usage = chunk.get("usage")
             if usage:
-                out.prompt_tokens = usage.get("prompt_tokens")
-                out.completion_tokens = usage.get("completion_tokens")
+                out.prompt_tokens = _count(usage.get("prompt_tokens"))
+                out.completion_tokens = _count(usage.get("completion_tokens"))
         except (AttributeError, TypeError):
             out.failure, out.error = "protocol", f"malformed stream event: {_short(str(chunk), 200)}"
             return False
@@ -163,9 +183,17 @@ class _StreamState:
 
     def finish(self) -> None:
         out = self.out
+        if out.failure is not None:
+            return  # garbage from the server: no answer text
         out.text = "".join(self.parts)
-        if out.failure is None and not self.done and out.finish_reason is None:
+        if not self.done and out.finish_reason is None:
             out.failure, out.error = "connection_error", "stream ended before the answer was complete"
+
+
+def _is_event_stream(content_type: str | None) -> bool:
+    """A streamed answer must be an event stream; an HTTP 200 with another body (an HTML error
+    page, a JSON body) is read whole, so it is classified as what it is instead of a cut stream."""
+    return (content_type or "").split(";")[0].strip().lower() == "text/event-stream"
 
 
 async def _read_stream(resp: httpx.Response, out: RawResponse, t0: float) -> None:
@@ -205,14 +233,15 @@ async def _read_sse(content: aiohttp.StreamReader, out: RawResponse, t0: float) 
 
 def _read_body(raw: bytes, out: RawResponse) -> None:
     try:
-        data = json.loads(raw)
+        data = _loads(raw)  # strict (orjson): a lone surrogate is garbage, not text no record could hold
         choice = data["choices"][0]
-        out.text = choice["message"]["content"] or ""
-        out.finish_reason = choice.get("finish_reason")
+        out.text = _str(choice["message"]["content"]) or ""
+        out.finish_reason = _str(choice.get("finish_reason"))
         usage = data.get("usage") or {}
-        out.prompt_tokens = usage.get("prompt_tokens")
-        out.completion_tokens = usage.get("completion_tokens")
-    except (ValueError, KeyError, IndexError, TypeError):
+        out.prompt_tokens = _count(usage.get("prompt_tokens"))
+        out.completion_tokens = _count(usage.get("completion_tokens"))
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        out.text = out.finish_reason = out.prompt_tokens = out.completion_tokens = None
         out.failure, out.error = "protocol", f"HTTP 200 body is not a chat completion: {_short(raw.decode('utf-8', 'replace'), 200)}"
 
 
@@ -241,10 +270,10 @@ async def send_chat(
         async with asyncio.timeout(timeout_s):
             async with http.post(url, data=payload, headers=headers) as resp:
                 out.http_status = resp.status
-                out.backend = resp.headers.get(ATTRIBUTION_HEADER)
+                out.backend = _header(resp.headers.get(ATTRIBUTION_HEADER))
                 if resp.status != 200:
                     out.error = _error_message(await resp.read())
-                elif body.get("stream"):
+                elif body.get("stream") and resp.content_type == "text/event-stream":
                     await _read_sse(resp.content, out, t0)
                 else:
                     _read_body(await resp.read(), out)
@@ -264,10 +293,10 @@ async def _send_httpx(http: httpx.AsyncClient, url: str, body: dict, *, api_key:
         async with asyncio.timeout(timeout_s):
             async with http.stream("POST", url, json=body, headers=headers) as resp:
                 out.http_status = resp.status_code
-                out.backend = resp.headers.get(ATTRIBUTION_HEADER)
+                out.backend = _header(resp.headers.get(ATTRIBUTION_HEADER))
                 if resp.status_code != 200:
                     out.error = _error_message(await resp.aread())
-                elif body.get("stream"):
+                elif body.get("stream") and _is_event_stream(resp.headers.get("content-type")):
                     await _read_stream(resp, out, t0)
                 else:
                     _read_body(await resp.aread(), out)

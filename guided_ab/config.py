@@ -42,7 +42,6 @@ class ModalSettings(Strict):
     max_model_len: int | None = Field(None, ge=256)
     revision: str | None = None
     api_key_secret: str = Field("guided-ab-api-key", description="modal.Secret holding VLLM_API_KEY")
-    workspace: str | None = None
 
 
 class Arm(Strict):
@@ -79,7 +78,7 @@ class Workload(Strict):
     warmup: int = Field(1, ge=0, le=100, description="warm-up requests per arm, excluded from statistics")
     seed: int = 20251027
     prompt_template: str = (
-        "{prompt}\n\nAnswer with a single JSON object that matches this JSON schema:\n{schema}"
+        "{prompt}\nReply with one compact JSON object (no line breaks) matching this JSON schema:\n{schema}"
     )
     temperature: float = Field(0.0, ge=0, le=2)
     max_tokens: int = Field(256, ge=1, le=32_768)
@@ -104,7 +103,8 @@ class DecisionRule(Strict):
     backend_share_min: float = Field(0.90, ge=0, le=1, description="expected share of the control's backend under auto")
     expected_backend: str = Field("guidance", description="backend the candidate is expected to pick mostly")
     max_cv_ratio: float = Field(1.5, gt=0, description="candidate latency CV may be at most this x control's")
-    max_error_share: float = Field(0.5, ge=0, le=1, description="above this server_error+timeout share the run is invalid")
+    max_error_share: float = Field(0.5, ge=0, le=1, description="above this server_error+timeout+connection_error share the run is invalid")
+    equivalence_margin: float | None = Field(None, gt=0, le=10, description="TOST margin on the latency ratio (default: latency_margin)")
     alpha: float = Field(0.05, gt=0, lt=0.5)
     power: float = Field(0.8, gt=0, lt=1)
     bootstrap_resamples: int = Field(2000, ge=100, le=100_000)

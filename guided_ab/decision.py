@@ -48,6 +48,14 @@ def _fmt(x: float | None, pct: bool = False) -> str:
     return f"{x:+.1%}" if pct else f"{x:.3f}"
 
 
+def _fmt_abs(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _fmt_p(p: float | None) -> str:
+    return "n/a" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
 def _ci(c: dict, pct: bool = False) -> str:
     return f"{_fmt(c.get('estimate'), pct)} [{_fmt(c.get('ci_low'), pct)}, {_fmt(c.get('ci_high'), pct)}]"
 
@@ -198,9 +206,9 @@ def _candidate(ev: dict, cand: str, rule: DecisionRule) -> dict:
             verdict = "switch"
             reasons.append(f"'{cand}' is non-inferior on every guardrail and {' and '.join(gains)} than '{control}'")
             if faster:
-                reasons.append(f"faster: p50 ratio {_ci(p50)}, Holm-adjusted Wilcoxon p={_fmt(a_lat)}")
+                reasons.append(f"faster: p50 ratio {_ci(p50)}, Holm-adjusted Wilcoxon p={_fmt_p(a_lat)}")
             if better:
-                reasons.append(f"more successful: difference {_ci(succ, pct=True)}, Holm-adjusted McNemar p={_fmt(a_succ)}")
+                reasons.append(f"more successful: difference {_ci(succ, pct=True)}, Holm-adjusted McNemar p={_fmt_p(a_succ)}")
             if cheaper:
                 reasons.append(f"cheaper: {_fmt(cc)} vs {_fmt(ck)} USD per 1k successful requests")
         else:
@@ -215,19 +223,24 @@ def _candidate(ev: dict, cand: str, rule: DecisionRule) -> dict:
         reasons += [f"unclear against its margin (would need more data): {desc[g]}" for g in unclear]
     else:
         verdict = "inconclusive"
+        ivs = {"success": succ, "latency": p50, "variability": cvr}
         for g in unclear:
             k = more[g]
-            tail = f"about {k} more pairs would settle it" if k is not None else "more pairs cannot settle it at this estimate"
+            if ivs[g].get("ci_low") is None or ivs[g].get("ci_high") is None:
+                reasons.append(f"{desc[g]}: no interval at n={n} pairs (too few pairs or values)")
+                continue
+            tail = (f"about {k} more pairs would settle it" if k is not None
+                    else "more pairs cannot settle it while the estimate sits on the margin")
             reasons.append(f"{desc[g]}: the interval straddles the margin; {tail}")
-        ks = [more[g] for g in unclear]
-        pairs_needed = max(ks) if all(k is not None for k in ks) else None
+        ks = [more[g] for g in unclear if more[g] is not None]
+        pairs_needed = max(ks) if ks else None  # None: no interval yet to extrapolate from
         if gains:
             reasons.append(f"a gain is demonstrated ({' and '.join(gains)}), the guardrails are not yet")
     mde = comp.get("mde", {})
     if verdict == "inconclusive":
         reasons.append(
             f"minimum detectable effect at n={n} pairs (power {power:.0%}): success difference "
-            f"{_fmt(mde.get('success_diff'), pct=True)}, p50 latency ratio change {_fmt(mde.get('latency_p50_ratio'), pct=True)}"
+            f"{_fmt_abs(mde.get('success_diff'))}, p50 latency ratio change {_fmt_abs(mde.get('latency_p50_ratio'))}"
         )
     return {"verdict": verdict, "reasons": reasons, "criteria": crits, "pairs_needed": pairs_needed, "mde": mde,
             "n_pairs": n, "p50_ratio": p50.get("estimate")}
@@ -262,8 +275,8 @@ def decide(evaluation: dict, rule: DecisionRule) -> dict:
             reasons += [prefix + r for r in p["reasons"]]
         if not per:
             verdict, reasons = "inconclusive", ["no candidate comparison in the evaluation"]
-        needs = [per[c]["pairs_needed"] for c in inconc]
-        pairs_needed = (max(needs) if all(k is not None for k in needs) else None) if verdict == "inconclusive" else 0
+        needs = [per[c]["pairs_needed"] for c in inconc if per[c]["pairs_needed"] is not None]
+        pairs_needed = (max(needs) if needs else None) if verdict == "inconclusive" else 0
     out = {
         "verdict": verdict,
         "control": control,

@@ -13,6 +13,8 @@ Conventions (documented here once, and repeated in `settings` of the result):
   Per-arm quantile intervals use the equivalent order-statistic bootstrap of that arm's values.
 - Paired comparisons use pairs where both arms have a record (success) or both have an answer
   (latency).
+- Cost per 1k successful requests: the arm's USD (`costs`, the time it was held) over all its
+  successful requests in the run, since the bill covers every phase.
 """
 
 from __future__ import annotations
@@ -130,12 +132,12 @@ def _metric_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng: np.ran
             out[k] = S.NO_INTERVAL.to_dict()
         return out
     means, sds = S._moments(sums, reg["cnt"], reg["s1"], reg["s2"], reg["center"])
-    out["mean"] = S.percentile_interval(float(x.mean()), means, alpha).to_dict()
+    out["mean"] = S.percentile_interval(float(x.mean()), means, alpha, n).to_dict()
     for name, q in S.QUANTILES.items():
-        iv = S.percentile_interval(S.sorted_quantile(x, q), S.bootstrap_quantile_draws(x, q, B, rng), alpha)
+        iv = S.percentile_interval(S.sorted_quantile(x, q), S.bootstrap_quantile_draws(x, q, B, rng), alpha, n)
         out[name] = {**iv.to_dict(), "descriptive": bool(q >= 0.99 and n < S.P99_MIN_N)}
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["cv"] = S.percentile_interval(S.cv(x), sds / means, alpha).to_dict()
+        out["cv"] = S.percentile_interval(S.cv(x), sds / means, alpha, n).to_dict()
     return out
 
 
@@ -154,9 +156,9 @@ def _subset_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng, B: int
         means = reg["center"] + sums[:, reg["s1"]] / sums[:, reg["cnt"]]
     return {
         "n": int(x.size),
-        "mean": S.percentile_interval(float(x.mean()), means, alpha).to_dict(),
+        "mean": S.percentile_interval(float(x.mean()), means, alpha, int(x.size)).to_dict(),
         "p50": S.percentile_interval(S.sorted_quantile(x, 0.5), S.bootstrap_quantile_draws(x, 0.5, B, rng),
-                                     alpha).to_dict(),
+                                     alpha, int(x.size)).to_dict(),
     }
 
 
@@ -214,7 +216,6 @@ def evaluate(
     # the A/B phase, measured rows, one record per (arm, pair): the last attempt wins
     ab_mask = (df["phase"] == "ab") & ~df["warmup"]
     dup_pairs: dict[str, int] = {}
-    data = {}
     per_arm_idx = {}
     for arm in arms:
         idx = np.flatnonzero(ab_mask & (df["arm"] == arm))
@@ -363,6 +364,9 @@ def evaluate(
             "alpha": alpha, "confidence": 1 - alpha, "bootstrap_resamples": B, "seed": seed,
             "bootstrap": "percentile; pairs resampled in the A/B phase",
             "latency_basis": LATENCY_BASIS, "equivalence_margin": eq_margin, "p99_min_n": S.P99_MIN_N,
+            "min_bootstrap_n": S.MIN_BOOTSTRAP_N,
+            "cost_basis": "USD per arm (from the run's deploy/teardown) over the arm's successful requests "
+                          "in the whole run (all phases, warm-ups included)",
             "power": float(rule.power),
             "multiplicity": "Holm over {success (McNemar), latency (Wilcoxon)} x candidates",
         },
@@ -467,7 +471,10 @@ def _gates(df, cfg, counts, data, dup_pairs, planned, endpoints, comparisons) ->
 
     # 7. there is something to compare
     problems = [f"arm '{a}': no measured A/B records" for a in arms if len(data[a].rows) == 0]
-    problems += [f"arm '{c}': no complete pair with the control" for c, comp in comparisons.items()
-                 if comp["n_pairs"] == 0 and len(data[c].rows)]
+    for c, comp in comparisons.items():
+        if len(data[c].rows) and comp["n_pairs"] == 0:
+            problems.append(f"arm '{c}': no complete pair with the control")
+        elif comp["n_pairs"] and comp["latency"]["n_pairs"] == 0:
+            problems.append(f"arm '{c}': no pair in which both arms answered (no latency to compare)")
     gates.append(_gate("paired_data", not problems, "; ".join(problems) or "every candidate has pairs with the control"))
     return gates

@@ -40,7 +40,10 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
 def wait_endpoints(cfg: ExperimentConfig, store: RunStore, endpoints: dict[str, Endpoint], log: Log = print) -> dict[str, float]:
     waited = {}
     for name, ep in endpoints.items():
-        waited[name] = wait_arm(ep, cfg.server_start_timeout_s)
+        deadline = cfg.server_start_timeout_s
+        if ep.target == "modal":  # a large model's cold start may exceed the generic deadline
+            deadline = max(deadline, cfg.arm(name).modal.startup_timeout_s)
+        waited[name] = wait_arm(ep, deadline)
         log(f"arm '{name}' ready at {ep.base_url} after {waited[name]:.1f} s")
     store.write_json("deploy.json", {"ready_after_s": waited, "at": time.time()})
     return waited
@@ -156,8 +159,10 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
 
     cfg = _rule_config(store, overrides)
     endpoints = {k: v.model_dump() for k, v in load_endpoints(store, missing_ok=True).items()}
+    # accounting compares with the plans saved before any request was sent (never re-made here)
+    plans = {ph: Plan.model_validate(store.read_json(f"plan-{ph}.json")) for ph in ("observe", "ab") if store.has(f"plan-{ph}.json")}
     evaluation = evaluate(
-        store.records(), cfg, planned=planned_counts(build_plans(cfg, store)), costs=costs(store), endpoints=endpoints,
+        store.records(), cfg, planned=planned_counts(plans) if plans else None, costs=costs(store), endpoints=endpoints,
     )
     store.write_json("evaluation.json", evaluation)
     return evaluation

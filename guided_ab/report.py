@@ -130,12 +130,42 @@ def render_markdown(cfg: ExperimentConfig, evaluation: dict, decision: dict, run
 
 
 def write_reports(store: RunStore, cfg: ExperimentConfig, evaluation: dict, decision: dict) -> None:
-    atomic_write_text(store.path("report.md"), render_markdown(cfg, evaluation, decision, store.run_id))
+    md = render_markdown(cfg, evaluation, decision, store.run_id)
+    atomic_write_text(store.path("report.md"), md)  # first: a failing HTML report never costs this one
     try:
         from .html_report import write_html_report
     except ImportError:  # the HTML report is optional
         return
     write_html_report(store, cfg, evaluation, decision)
+    atomic_write_text(store.path("report.md"), md + plots_markdown(store.dir))
+
+
+PLOT_IMAGES = {"latency_cdf.png": "Latency CDFs per arm (end-to-end and TTFT)", "outcomes.png": "Outcome classes per arm"}
+
+
+def plots_markdown(run_dir: Path) -> str:
+    """The key plots (PNGs beside report.html) as a markdown section with relative links."""
+    images = [f"![{alt}]({name})" for name, alt in PLOT_IMAGES.items() if (run_dir / name).is_file()]
+    if not images and not (run_dir / "report.html").is_file():
+        return ""
+    return "\n## Plots\n\nEvery plot, with the criteria drawn against their margins: [report.html](report.html)\n\n" + \
+        "\n\n".join(images) + "\n"
+
+
+def artifact_markdown(run_dir: Path) -> str:
+    """report.md for places that cannot follow relative links (the Prefect UI): the key plots
+    inlined as data URIs and report.html linked by its absolute file URI."""
+    import base64
+
+    md = (run_dir / "report.md").read_text()
+    for name in PLOT_IMAGES:
+        p = run_dir / name
+        if p.is_file() and f"]({name})" in md:
+            md = md.replace(f"]({name})", f"](data:image/png;base64,{base64.b64encode(p.read_bytes()).decode('ascii')})")
+    html = run_dir / "report.html"
+    if html.is_file():
+        md = md.replace("](report.html)", f"]({html.resolve().as_uri()})")
+    return md
 
 
 def summary_table(run_dir: Path) -> Table:

@@ -2,10 +2,21 @@
 
 Exactly-once bookkeeping, so a phase killed mid-way can be re-run with the same run id:
 - before a request is sent, its id is appended to `records/<phase>.sent` (the attempt log);
-- after it ends, its record is appended to the phase journal (fsync'd);
+- after it ends, its record is appended to the phase journal;
 - a re-run skips every planned request that already has a record and re-sends the others
   with the next attempt number. A request in flight when the process died was sent but
   never recorded: it is sent again, and only the new attempt is recorded.
+
+Both files are appended with one write() per line, so a line is in the kernel (and survives a
+kill -9 of this process) as soon as the request is sent or recorded; fsync runs in a thread,
+at most one at a time and covering every line written before it (group commit), and once more
+when the phase ends. An fsync per line on the event loop (~1 ms each here) would stall every
+other stream's clock and cap the request rate.
+
+Load: `wl.concurrency` workers share one pooled HTTP session (guided_ab.client.new_session) and
+take requests in planned order; with `arrivals` (seconds from the start, one per pending
+request, e.g. Poisson) a worker also waits for its request's arrival time (open loop, capped at
+`wl.concurrency` in flight).
 """
 
 from __future__ import annotations
@@ -14,11 +25,9 @@ import asyncio
 import os
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
-import httpx
-
-from .client import chat_body, send_chat
+from .client import chat_body, new_session, send_chat
 from .config import Workload
 from .plan import Plan, PlannedRequest
 from .records import RequestRecord
@@ -49,12 +58,82 @@ def _sent_log(store: RunStore, phase: str) -> Counter:
     return Counter(line.strip() for line in p.read_text().splitlines() if line.strip())
 
 
-def _log_sent(store: RunStore, phase: str, request_id: str) -> None:
-    p = store.path("records", f"{phase}.sent")
-    with open(p, "a", encoding="utf-8") as f:
-        f.write(request_id + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def _recorded_ids(store: RunStore, phase: str) -> set[str]:
+    """Request ids with a valid record in the journal (a torn last line does not count).
+
+    The same rule as RunStore.journal, one line at a time, keeping only the ids in memory.
+    """
+    p = store.journal_path(phase)
+    ids: set[str] = set()
+    if not p.is_file():
+        return ids
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                ids.add(RequestRecord.model_validate_json(line).request_id)
+            except ValueError:
+                continue
+    return ids
+
+
+class _Journal:
+    """The phase's attempt log and record journal, appended line by line, fsync'd in a thread."""
+
+    def __init__(self, store: RunStore, phase: str):
+        store.path("records").mkdir(parents=True, exist_ok=True)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        self._fds = (
+            os.open(store.path("records", f"{phase}.sent"), flags, 0o644),
+            os.open(store.journal_path(phase), flags, 0o644),
+        )
+        self._dirty = False
+        self._syncer: asyncio.Task | None = None
+
+    @staticmethod
+    def _write(fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    def log_sent(self, request_id: str) -> None:
+        self._write(self._fds[0], (request_id + "\n").encode())
+        self._changed()
+
+    def append(self, rec: RequestRecord) -> None:
+        self._write(self._fds[1], (rec.model_dump_json() + "\n").encode())
+        self._changed()
+
+    def _changed(self) -> None:
+        self._dirty = True
+        if self._syncer is None:
+            self._syncer = asyncio.get_running_loop().create_task(self._sync())
+
+    def _fsync(self) -> None:
+        for fd in self._fds:
+            os.fsync(fd)
+
+    async def _sync(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._dirty:
+                self._dirty = False
+                await loop.run_in_executor(None, self._fsync)
+        finally:
+            self._syncer = None
+
+    async def close(self) -> None:
+        if self._syncer is not None:
+            try:
+                await self._syncer
+            except OSError:
+                pass  # the final fsync below reports it
+        try:
+            self._fsync()
+        finally:
+            for fd in self._fds:
+                os.close(fd)
 
 
 async def run_plan(
@@ -64,17 +143,29 @@ async def run_plan(
     wl: Workload,
     *,
     progress: Progress | None = None,
+    arrivals: Sequence[float] | None = None,
 ) -> PhaseResult:
-    recorded = {r.request_id for r in store.journal(plan.phase)}
+    """Send the plan's requests that have no record yet; one journal record per request.
+
+    arrivals: optional send times in seconds from the start, one per pending request in planned
+    order (non-decreasing); without it requests go as fast as `wl.concurrency` workers allow.
+    """
+    recorded = _recorded_ids(store, plan.phase)
     attempts = _sent_log(store, plan.phase)
     pending = [r for r in plan.requests if r.request_id not in recorded]
+    del recorded
     result = PhaseResult(plan.phase, len(plan.requests), len(plan.requests) - len(pending), 0)
+    if arrivals is not None and len(arrivals) < len(pending):
+        raise ValueError(f"arrivals has {len(arrivals)} times for {len(pending)} pending requests")
     keys = {arm: resolve_key(ep.key_ref) for arm, ep in endpoints.items()}
-    queue: asyncio.Queue[PlannedRequest] = asyncio.Queue()
-    for r in pending:  # workers take requests in planned (interleaved) order
-        queue.put_nowait(r)
+    queue: asyncio.Queue[tuple[int, PlannedRequest]] = asyncio.Queue()
+    for i, r in enumerate(pending):  # workers take requests in planned (interleaved) order
+        queue.put_nowait((i, r))
+    journal = _Journal(store, plan.phase)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
 
-    async def one(http: httpx.AsyncClient, req: PlannedRequest) -> None:
+    async def one(http, req: PlannedRequest) -> None:
         ep = endpoints[req.arm]
         item = plan.items[req.schema_id]
         body = chat_body(
@@ -82,7 +173,7 @@ async def run_plan(
             temperature=wl.temperature, max_tokens=wl.max_tokens, stream=req.stream,
         )
         attempts[req.request_id] += 1
-        _log_sent(store, plan.phase, req.request_id)
+        journal.log_sent(req.request_id)
         raw = await send_chat(http, ep.base_url, body, api_key=keys[req.arm], timeout_s=wl.timeout_s)
         outcome, error = classify(raw, item.json_schema)
         rec = RequestRecord(
@@ -95,24 +186,35 @@ async def run_plan(
             http_status=raw.http_status, backend=raw.backend,  # from the server only: never assumed from the config
             outcome=outcome, error=error, output=raw.text,
         )
-        store.append_record(rec)
+        journal.append(rec)
         result.sent_now += 1
         result.outcomes[outcome] += 1
         if progress:
             progress(result.recorded, result.planned, result.outcomes)
 
-    async def worker(http: httpx.AsyncClient) -> None:
+    async def worker(http) -> None:
         while True:
             try:
-                req = queue.get_nowait()
+                i, req = queue.get_nowait()
             except asyncio.QueueEmpty:
                 return
+            if arrivals is not None:
+                wait = start + arrivals[i] - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             await one(http, req)
 
-    limits = httpx.Limits(max_connections=wl.concurrency, max_keepalive_connections=wl.concurrency)
-    timeout = httpx.Timeout(wl.timeout_s, connect=min(10.0, wl.timeout_s))
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as http:
-        if progress:
-            progress(result.recorded, result.planned, result.outcomes)
-        await asyncio.gather(*(worker(http) for _ in range(min(wl.concurrency, max(1, len(pending))))))
+    try:
+        async with new_session(wl.concurrency, connect_timeout_s=min(10.0, wl.timeout_s)) as http:
+            if progress:
+                progress(result.recorded, result.planned, result.outcomes)
+            tasks = [loop.create_task(worker(http)) for _ in range(min(wl.concurrency, max(1, len(pending))))]
+            try:
+                await asyncio.gather(*tasks)
+            finally:  # one worker failed (or we were cancelled): stop the others before the journal closes
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await journal.close()
     return result

@@ -23,8 +23,8 @@ No function here prints; non-finite results are returned as None in the `to_dict
 from __future__ import annotations
 
 import math
-from statistics import NormalDist
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -37,6 +37,9 @@ QUANTILES: dict[str, float] = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 # below this many observations a p99 rests on < 4 points beyond it: reported, flagged descriptive
 # (MLPerf's minimum query counts make the same point for tail percentiles)
 P99_MIN_N = 400
+# below this many units a percentile bootstrap has too few distinct resamples to mean anything
+# (with n = 1 every resample is the sample): estimates are reported, intervals are not
+MIN_BOOTSTRAP_N = 10
 
 
 def num(x: object) -> float | None:
@@ -259,12 +262,14 @@ def sorted_quantile(xs: np.ndarray, q: float) -> float | None:
     return float(a + (h - j) * (b - a))
 
 
-def percentile_interval(estimate: float | None, draws: np.ndarray, alpha: float = 0.05) -> Interval:
-    """Percentile-bootstrap interval from B draws (no interval when >10% of draws are undefined)."""
+def percentile_interval(estimate: float | None, draws: np.ndarray, alpha: float = 0.05,
+                        n: int | None = None) -> Interval:
+    """Percentile-bootstrap interval from B draws of a statistic of n units (no interval when n is
+    below MIN_BOOTSTRAP_N or more than 10% of the draws are undefined)."""
     d = np.asarray(draws, dtype=float)
     total = d.size
     d = d[np.isfinite(d)]
-    if estimate is None or d.size < max(20, 0.9 * total):
+    if estimate is None or (n is not None and n < MIN_BOOTSTRAP_N) or d.size < max(20, 0.9 * total):
         return Interval(num(estimate), None, None)
     lo, hi = _quantiles(d, (alpha / 2, 1 - alpha / 2))
     return Interval(num(estimate), lo, hi)
@@ -446,7 +451,7 @@ def bootstrap_summary(
     if n == 0:
         return Summary(0, NO_INTERVAL, {k: NO_INTERVAL for k in quantiles}, NO_INTERVAL)
     xs = np.sort(x)
-    qints = {k: percentile_interval(float(np.quantile(xs, q)), bootstrap_quantile_draws(xs, q, resamples, rng), alpha)
+    qints = {k: percentile_interval(sorted_quantile(xs, q), bootstrap_quantile_draws(xs, q, resamples, rng), alpha, n)
              for k, q in quantiles.items()}
     eng = CountBootstrap(n, resamples, rng)
     center = float(x.mean())
@@ -456,7 +461,7 @@ def bootstrap_summary(
     with np.errstate(invalid="ignore", divide="ignore"):
         cvs = sds / means
     return Summary(
-        n, percentile_interval(center, means, alpha), qints, percentile_interval(cv(x), cvs, alpha),
+        n, percentile_interval(center, means, alpha, n), qints, percentile_interval(cv(x), cvs, alpha, n),
         {k: (q >= 0.99 and n < P99_MIN_N) for k, q in quantiles.items()},
     )
 
@@ -485,7 +490,7 @@ def _ratio(x: float | None, y: float | None) -> float | None:
 
 def register_paired(eng: CountBootstrap, ctrl: np.ndarray, cand: np.ndarray, valid: np.ndarray) -> dict:
     """Register the columns/quantiles a paired ratio comparison needs on an engine."""
-    cc, ca = float(np.mean(ctrl[valid])), float(np.mean(cand[valid]))
+    cc, ca = (float(np.mean(ctrl[valid])), float(np.mean(cand[valid]))) if valid.any() else (0.0, 0.0)
     v = valid.astype(float)
     return {
         "valid": valid, "center": (cc, ca),
@@ -517,7 +522,7 @@ def paired_intervals(reg: dict, sums: np.ndarray, qdraws: list[np.ndarray], ctrl
         "p95": _ratio(float(np.quantile(b, 0.95)), float(np.quantile(a, 0.95))),
         "cv": _ratio(cv(b), cv(a)),
     }
-    return {k: percentile_interval(est[k], draws[k], alpha) for k in draws}
+    return {k: percentile_interval(est[k], draws[k], alpha, int(a.size)) for k in draws}
 
 
 def _paired_ratios(a, b, valid, resamples, alpha, rng) -> dict[str, Interval]:

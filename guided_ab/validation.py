@@ -59,6 +59,8 @@ def classify(raw: RawResponse, schema: dict) -> tuple[Outcome, str | None]:
         instance = json.loads(raw.text or "")
     except ValueError as err:
         return "invalid_json", f"not JSON: {err}"
+    except RecursionError:  # e.g. "[[[[..." thousands deep: json gives up, the request must not
+        return "invalid_json", "not JSON this parser can read: nested too deeply"
     problem = schema_errors(instance, schema)
     if problem:
         return "schema_violation", problem

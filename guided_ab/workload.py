@@ -56,7 +56,10 @@ def check_schema(schema: Any, where: str, max_bytes: int) -> dict[str, Any]:
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
         raise ConfigError(f"{where}: a JSON schema must be an object, got {type(schema).__name__}")
-    size = len(json.dumps(schema))
+    try:
+        size = len(json.dumps(schema))
+    except RecursionError:  # thousands of levels: too deep for json itself, let alone a backend
+        raise ConfigError(f"{where}: schema is nested too deeply to check") from None
     if size > max_bytes:
         raise ConfigError(
             f"{where}: schema is {size} bytes, over workload.max_schema_bytes={max_bytes}; "
@@ -105,6 +108,8 @@ def bench_directory(path: Path, subsets: list[str], max_bytes: int) -> list[Work
                 schema = json.loads(f.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise ConfigError(f"{f}: cannot read the schema: {err}") from None
+            except RecursionError:
+                raise ConfigError(f"{f}: cannot read the schema: nested too deeply for a JSON parser") from None
             items.append(WorkItem(schema_id=f"{subset}/{f.stem}", subset=subset, prompt="", json_schema=schema))
     if not items:
         raise ConfigError(f"workload.suite: no *.json schema files found in {path} {subsets or ''}")

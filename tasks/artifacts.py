@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from guided_ab.report import arm_rows, criteria_rows
+from guided_ab.report import arm_rows, artifact_markdown, criteria_rows
 from guided_ab.store import RunStore
 
 
@@ -17,7 +17,8 @@ def publish_results(store: RunStore) -> list[str]:
     key = cfg.name
     desc = f"run {store.run_id}: {decision['verdict']}"
     ids = [
-        create_markdown_artifact(store.path("report.md").read_text(), key=f"{key}-report", description=desc),
+        # report.md with the key plots inlined (data URIs): the Prefect UI shows them in the artifact
+        create_markdown_artifact(artifact_markdown(store.dir), key=f"{key}-report", description=desc),
         create_table_artifact(arm_rows(evaluation), key=f"{key}-arms", description=f"per-arm results, {desc}"),
         create_table_artifact(criteria_rows(decision) or [{"criterion": "none"}], key=f"{key}-criteria", description=desc),
         create_table_artifact(
@@ -28,8 +29,10 @@ def publish_results(store: RunStore) -> list[str]:
     for name in ("report.html", "report.md", "decision.json", "evaluation.json"):
         p = store.path(name)
         if p.is_file():
+            what = "the full report with plots, one self-contained file; " if name == "report.html" else ""
             ids.append(create_link_artifact(
                 p.as_uri(), link_text=f"{name} ({store.run_id})",
-                key=f"{key}-{name.replace('.', '-')}", description=desc,
+                key=f"{key}-{name.replace('.', '-')}",
+                description=f"{desc}: {what}open it on the machine holding the run store (`guided-ab report {store.run_id} --open`)",
             ))
     return [str(i) for i in ids]

@@ -6,7 +6,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.tasks import exponential_backoff
 
-from guided_ab import phases
+from guided_ab import console_progress, phases
 from guided_ab.config import ExperimentConfig
 from guided_ab.store import RunStore
 
@@ -16,7 +16,8 @@ from .retry import retry_if_transient
 @task(name="start-endpoints")
 def start_endpoints(cfg: ExperimentConfig, store: RunStore) -> list[str]:
     log = get_run_logger()
-    endpoints = phases.start_endpoints(cfg, store, log=log.info)
+    with console_progress.bar(f"deploy: starting {len(cfg.arms)} arm(s)", total=None):
+        endpoints = phases.start_endpoints(cfg, store, log=log.info)
     return list(endpoints)
 
 
@@ -27,7 +28,13 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore) -> list[str]:
 def wait_endpoints(cfg: ExperimentConfig, store: RunStore) -> dict[str, float]:
     log = get_run_logger()
     endpoints = phases.load_endpoints(store)
-    waited = phases.wait_endpoints(cfg, store, endpoints, log=log.info)
+    with console_progress.bar("deploy: waiting for the servers to answer", total=len(endpoints)) as bar:
+
+        def ready(message: str) -> None:  # wait_endpoints logs once per arm, when it is ready
+            log.info(message)
+            bar.advance()
+
+        waited = phases.wait_endpoints(cfg, store, endpoints, log=ready)
     for name, ep in endpoints.items():
         create_link_artifact(
             key=f"{cfg.name}-endpoint-{name}"[:100], link=ep.base_url + "/v1/models",

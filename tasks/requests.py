@@ -1,4 +1,5 @@
-"""The task that sends a phase's requests, with a progress artifact updated while they run."""
+"""The task that sends a phase's requests, with a progress artifact updated while they run
+(and a progress bar on the terminal when the flow runs in one, e.g. `guided-ab run`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import Counter
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from guided_ab import phases
+from guided_ab import console_progress, phases
 from guided_ab.config import ExperimentConfig
 from guided_ab.runner import PhaseResult
 from guided_ab.store import RunStore
@@ -29,13 +30,15 @@ def send_requests(cfg: ExperimentConfig, store: RunStore, phase: str) -> dict:
     """Send the rest of the phase's plan (a re-run resumes: recorded requests are not re-sent)."""
     log = get_run_logger()
     state = {"done": 0, "total": 0, "outcomes": Counter()}
+    bar = console_progress.Bar()
 
     def progress(done: int, total: int, outcomes: Counter) -> None:
         state.update(done=done, total=total, outcomes=Counter(outcomes))
+        bar.update(done, total, outcomes)
 
     art = create_progress_artifact(0.0, key=f"{cfg.name}-{phase}-progress", description=f"{phase}: starting")
     last_logged = -1
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with console_progress.bar(f"{phase}: requests", total=0) as bar, concurrent.futures.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(phases.run_requests, cfg, store, phase, progress)
         while True:
             try:

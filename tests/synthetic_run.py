@@ -1,0 +1,37 @@
+"""A finished run in a real RunStore, from synthetic records (no vLLM): for tests of the
+phases after A/B (evaluate, decide, reports, artifacts, Prefect deployments)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from guided_ab import phases
+from guided_ab.config import parse_config
+from guided_ab.records import RequestRecord
+from guided_ab.simulate import synthetic_records
+from guided_ab.store import RunStore
+
+
+def make_finished_run(root: Path, run_id: str = "synthetic-run", *, pairs: int = 120, ratio: float = 0.8, seed: int = 1,
+                      decide: bool = True) -> RunStore:
+    cfg = parse_config({
+        "name": "synthetic",
+        "store": str(root),
+        "arms": [
+            {"name": "guidance", "role": "control", "backend": "guidance"},
+            {"name": "auto", "role": "candidate", "backend": "auto"},
+        ],
+        "workload": {"size": pairs, "observe_size": 8, "warmup": 1},
+        "decision": {"bootstrap_resamples": 500},
+    })
+    store = RunStore.create(cfg, run_id)
+    df = synthetic_records(pairs, ratio=ratio, control="guidance", candidate="auto", observe=8, warmup=1, seed=seed)
+    df["run_id"] = run_id
+    for row in df.to_dict("records"):
+        store.append_record(RequestRecord.model_validate({k: (None if v != v else v) for k, v in row.items()}))
+    for phase in ("observe", "ab"):
+        store.finalize_records(phase)
+    if decide:
+        phases.evaluate_run(store)
+        phases.decide_run(store)
+    return store
