@@ -222,6 +222,22 @@ def simulate(experiments: int = typer.Option(400, "--experiments"), seed: int = 
     print(f"coverage={res['coverage']:.3f} wrong_decisions={res['wrong_decisions']:.3f}")
 
 
+@app.command()
+def selfcheck(
+    with_vllm: bool = typer.Option(False, "--with-vllm", help="also SIGKILL a real local vLLM server mid-phase (needs .venv-vllm)"),
+    with_prefect: bool = typer.Option(False, "--with-prefect", help="also SIGKILL a real Prefect `ab` flow process mid-run"),
+    keep: bool = typer.Option(False, "--keep", help="keep the sandbox directory (runs, logs) for inspection"),
+    workdir: Optional[Path] = typer.Option(None, "--dir", help="sandbox directory to use (kept)"),
+    only: Optional[list[str]] = typer.Option(None, "--only", help="run only these scenarios (repeatable)"),
+) -> None:
+    """Run the fault and bad-input scenarios against a loopback fault server; exit 0 only if all held."""
+    from .selfcheck import selfcheck as run_selfcheck
+
+    code = run_selfcheck(with_vllm=with_vllm, with_prefect=with_prefect, keep=keep, workdir=workdir, only_names=only,
+                         echo=lambda line: print(line, flush=True))
+    raise typer.Exit(code)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

