@@ -187,27 +187,48 @@ def runs(store: str = STORE_OPT) -> None:
 
 
 @app.command()
-def report(run_id: str = typer.Argument(...), store: str = STORE_OPT, open_browser: bool = typer.Option(False, "--open")) -> None:
-    """Print a run's report (and open its HTML report with --open)."""
-    from .store import RunStore
+def report(
+    run_id: str = typer.Argument(..., help="run id (`guided-ab runs` lists them), or 'latest'"),
+    store: str = STORE_OPT,
+    open_browser: bool = typer.Option(False, "--open", help="open report.html in the default browser"),
+    html_only: bool = typer.Option(False, "--html", help="print only the path of report.html"),
+) -> None:
+    """Print a run's report (decision, criteria, arms) and where its HTML report is; --open opens it."""
+    from .store import RunStore, list_runs
 
+    if run_id == "latest":
+        found = list_runs(store)
+        if not found:
+            _fail(f"no runs under {Path(store).resolve()}: `guided-ab run configs/local.yaml` starts one")
+        run_id = found[0].name
     try:
         rs = RunStore.open(store, run_id)
     except ConfigError as err:
         _fail(err)
-    md = rs.path("report.md")
-    if not md.is_file():
-        _fail(f"{md} does not exist yet: run `guided-ab evaluate --run-id {run_id}` first")
+    if not rs.has("decision.json"):
+        _fail(f"run {run_id} has no decision yet: run `guided-ab evaluate --run-id {run_id} --store {store}` first")
+    html = rs.path("report.html")
+    if not html.is_file() or not rs.has("report.md"):  # a run decided before the HTML report existed
+        from .report import write_reports
+
+        try:
+            with console.status("writing the report ..."):
+                write_reports(rs, rs.load_config(), rs.read_json("evaluation.json"), rs.read_json("decision.json"))
+        except (ConfigError, OSError) as err:
+            _fail(f"cannot write the report of run {run_id}: {err}")
+    if html_only:
+        print(html)
+        return
     from rich.markdown import Markdown
 
-    out.print(Markdown(md.read_text()))
-    html = rs.path("report.html")
-    if html.is_file():
-        out.print(f"HTML report: {html}")
-        if open_browser:
-            import webbrowser
+    out.print(Markdown(rs.path("report.md").read_text()))
+    _print_summary(rs.dir)
+    out.print(f"HTML report (plots): [link={html.as_uri()}]{html}[/link]", highlight=False)
+    if open_browser:
+        import webbrowser
 
-            webbrowser.open(html.as_uri())
+        if not webbrowser.open(html.as_uri()):
+            console.print(f"no browser to open here; copy {html} to a machine with one")
 
 
 @app.command()

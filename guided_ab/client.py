@@ -105,6 +105,23 @@ def _short(text: str, limit: int = 500) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
 
 
+def stream_error(err: object) -> tuple[str, str]:
+    """(failure, message) for an error event inside an HTTP 200 stream.
+
+    vLLM starts streaming before it validates the grammar, so a request it refuses (e.g.
+    `Grammar error: Unimplemented keys: ["uniqueItems"]`) arrives as HTTP 200 plus an error
+    event carrying the real status code: classify by that code, as for a non-streamed answer.
+    """
+    code = err.get("code") if isinstance(err, dict) else None
+    message = err.get("message") if isinstance(err, dict) else None
+    text = _short(str(message or err))
+    if isinstance(code, int) and 400 <= code < 500:
+        return "rejected", f"HTTP {code} (in stream): {text}"
+    if isinstance(code, int) and code >= 500:
+        return "server_error", f"HTTP {code} (in stream): {text}"
+    return "protocol", f"error event in stream: {text}"
+
+
 def _error_message(raw: bytes) -> str:
     try:
         data = _loads(raw)
@@ -130,7 +147,30 @@ def new_session(concurrency: int, *, connect_timeout_s: float = 10.0) -> aiohttp
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
         cookie_jar=aiohttp.DummyCookieJar(),
         raise_for_status=False,
+        trace_configs=[_SENT_TRACE],
     )
+
+
+class _Sent:
+    """When the request went out: set by a trace hook right before the body (and the headers
+    buffered with it) is written to the connection."""
+
+    __slots__ = ("perf", "wall")
+
+    def __init__(self) -> None:
+        self.perf: float | None = None
+        self.wall: float | None = None
+
+
+async def _on_chunk_sent(session: Any, ctx: Any, params: Any) -> None:
+    sent = ctx.trace_request_ctx
+    if isinstance(sent, _Sent) and sent.perf is None:
+        sent.perf, sent.wall = time.perf_counter(), time.time()
+
+
+_SENT_TRACE = aiohttp.TraceConfig()
+_SENT_TRACE.on_request_chunk_sent.append(_on_chunk_sent)
+_SENT_TRACE.freeze()
 
 
 class _StreamState:
@@ -160,7 +200,7 @@ class _StreamState:
             out.failure, out.error = "protocol", f"malformed stream event: {_short(text, 200)}"
             return False
         if chunk.get("error"):
-            out.failure, out.error = "protocol", f"error event in stream: {_short(str(chunk['error']))}"
+            out.failure, out.error = stream_error(chunk["error"])
             return False
         try:
             for choice in chunk.get("choices") or ():
@@ -266,9 +306,12 @@ async def send_chat(
     payload = _dumps(body)
     out = RawResponse(sent_at=time.time())
     t0 = time.perf_counter()
+    sent = _Sent()
     try:
         async with asyncio.timeout(timeout_s):
-            async with http.post(url, data=payload, headers=headers) as resp:
+            async with http.post(url, data=payload, headers=headers, trace_request_ctx=sent) as resp:
+                if sent.perf is not None:  # the clocks start when the request went out
+                    t0, out.sent_at = sent.perf, sent.wall
                 out.http_status = resp.status
                 out.backend = _header(resp.headers.get(ATTRIBUTION_HEADER))
                 if resp.status != 200:

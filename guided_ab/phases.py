@@ -138,7 +138,7 @@ def teardown(store: RunStore, log: Log = print) -> list[dict]:
             continue
         entry = stop_endpoint(ep)
         if name in previous:  # a repeated teardown keeps the first stop time (the cost clock)
-            entry = {**entry, **{k: previous[name][k] for k in ("stopped_at", "held_s", "cost_usd") if k in previous[name]}}
+            entry = {**entry, **{k: previous[name][k] for k in ("stopped", "stopped_at", "held_s", "cost_usd") if k in previous[name]}}
         entries.append(entry)
         log(f"arm '{name}': {'stopped' if entry['stopped'] else 'already stopped'} ({ep.target})")
     store.write_json("teardown.json", {"arms": entries, "at": time.time()})

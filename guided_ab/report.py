@@ -181,11 +181,20 @@ def summary_table(run_dir: Path) -> Table:
     return table
 
 
+VERDICT_STYLE = {"switch": "bold green", "keep": "bold blue", "inconclusive": "bold yellow", "invalid": "bold red"}
+
+
 def runs_table(root: str | Path) -> Table:
-    table = Table(title=f"runs in {Path(root).resolve()}")
-    for c in ("run id", "decision", "serve", "arms: success / p50 s"):
-        table.add_column(c)
-    for d in list_runs(root):
+    """Past runs, newest first: decision, what to serve, pairs, per-arm success / p50, reports."""
+    import time
+
+    runs = list_runs(root)
+    table = Table(title=f"runs in {Path(root).resolve()}",
+                  caption=None if runs else "no runs yet: `guided-ab run configs/local.yaml` starts one")
+    for c in ("run id", "when", "decision", "serve", "pairs", "arms: success / p50 s", "report"):
+        table.add_column(c, no_wrap=c in ("run id", "when"))
+    for d in runs:
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.stat().st_mtime))
         try:
             decision = json.loads((d / "decision.json").read_text())
             evaluation = json.loads((d / "evaluation.json").read_text())
@@ -194,9 +203,13 @@ def runs_table(root: str | Path) -> Table:
                 f"{_f((a.get('latency', {}).get('p50') or {}).get('estimate'))}"
                 for n, a in evaluation.get("arms", {}).items()
             )
-            table.add_row(d.name, decision.get("verdict", "?"), str(decision.get("serve")), arms)
+            pairs = max((int(c.get("n_pairs", 0)) for c in evaluation.get("comparisons", {}).values()), default=0)
+            verdict = decision.get("verdict", "?")
+            reports = [n for n in ("report.html", "report.md") if (d / n).is_file()]
+            table.add_row(d.name, when, f"[{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/]", str(decision.get("serve")),
+                          str(pairs), arms, ", ".join(reports) or "-")
         except (OSError, ValueError):
-            table.add_row(d.name, "(not decided)", "", "")
+            table.add_row(d.name, when, "[dim](not decided)[/]", "", "", "", "-")
     return table
 
 

@@ -391,17 +391,76 @@ def child_phase(store_root: str, run_id: str, phase: str, how: str = "phase") ->
     print(f"phase {phase}: planned {res.planned}, recorded before {res.recorded_before}, sent now {res.sent_now}")
 
 
-def _child(sb: Sandbox, store: RunStore, tag: str, how: str) -> subprocess.Popen:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    if how == "prefect":
-        env.setdefault("PREFECT_HOME", str(sb.scratch / "prefect"))
-        env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
-    with open(sb.logs / f"child-{store.run_id}-{tag}.log", "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(store.root), store.run_id, "ab", how], cwd=str(REPO_ROOT), env=env,
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
+class _Child:
+    """The process a phase runs in: `exec` (a fresh interpreter: the Prefect flow) or a fork of
+    this process (the phase alone; no second ~5-10 s of imports on a busy machine). Either way
+    a separate process in its own session, SIGKILLed as a crash would."""
+
+    def __init__(self, sb: Sandbox, store: RunStore, tag: str, how: str):
+        log_path = sb.logs / f"child-{store.run_id}-{tag}.log"
+        self.returncode: int | None = None
+        self._popen: subprocess.Popen | None = None
+        if how == "prefect":
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+            env["PREFECT_HOME"] = str(sb.scratch / "prefect")
+            env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
+            with open(log_path, "ab") as log:
+                self._popen = subprocess.Popen(
+                    [sys.executable, "-c", CHILD, str(store.root), store.run_id, "ab", how], cwd=str(REPO_ROOT),
+                    env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                )
+            self.pid = self._popen.pid
+            return
+        pid = os.fork()
+        if pid == 0:  # the child: run the phase, never return into the caller's code
+            code = 1
+            try:
+                os.setsid()
+                fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                sys.stdout = sys.stderr = os.fdopen(fd, "w", buffering=1)
+                child_phase(str(store.root), store.run_id, "ab", how)
+                code = 0
+            except BaseException:  # noqa: BLE001 - reported in the log and the exit status
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        if self._popen is not None:
+            self.returncode = self._popen.poll()
+        elif self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired("phase child", timeout)
+            time.sleep(0.05)
+        return self.returncode  # type: ignore[return-value]
+
+    def kill(self) -> None:
+        """SIGKILL the child and everything in its session (a Prefect flow's temporary server too)."""
+        if self.poll() is not None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.kill(self.pid, signal.SIGKILL)  # a fork killed before its setsid()
+        except ProcessLookupError:
+            pass
+        self.wait(10)
 
 
 def fault_flow_killed(sb: Sandbox, how: str = "phase") -> str:
@@ -414,30 +473,24 @@ def fault_flow_killed(sb: Sandbox, how: str = "phase") -> str:
         store = RunStore.create(cfg, f"flowkill-{secrets.token_hex(3)}")
         phases.start_endpoints(cfg, store, log=sb.log)
         plan = phases.build_plans(cfg, store)["ab"]
-        proc = _child(sb, store, "killed", how)
-        deadline = time.monotonic() + (240 if how == "prefect" else 90)
+        proc = _Child(sb, store, "killed", how)
+        deadline = time.monotonic() + (240 if how == "prefect" else 60)
         try:
             while time.monotonic() < deadline and proc.poll() is None and _journal_count(store, "ab") < 4:
-                time.sleep(0.05)
+                time.sleep(0.02)
             expect(proc.poll() is None, f"the phase process ended (rc {proc.returncode}) before it could be killed")
             expect(_journal_count(store, "ab") >= 4, "the phase process recorded nothing in time")
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            proc.kill()
         before = {r.request_id for r in store.journal("ab")}
         sent_before = sent_log(store, "ab")
         in_flight = set(sent_before) - before
         expect(0 < len(before) < len(plan.requests), f"killed after {len(before)} of {len(plan.requests)} records")
-        proc = _child(sb, store, "resumed", how)
+        proc = _Child(sb, store, "resumed", how)
         try:
-            rc = proc.wait(240 if how == "prefect" else 90)
+            rc = proc.wait(240 if how == "prefect" else 60)
         finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+            proc.kill()
         expect(rc == 0, f"the resumed phase failed (rc {rc}); see {sb.logs}")
         entries = phases.teardown(store, log=sb.log)
     acc = sb.tally(account(store, plan))

@@ -44,6 +44,10 @@ def classify(raw: RawResponse, schema: dict) -> tuple[Outcome, str | None]:
         return "timeout", raw.error or "timed out"
     if raw.failure == "connection_error":
         return "connection_error", raw.error or "connection failed"
+    if raw.failure == "rejected":  # refused inside an HTTP 200 stream (see client.stream_error)
+        return "rejected", raw.error or "rejected"
+    if raw.failure == "server_error":
+        return "server_error", raw.error or "server error"
     status = raw.http_status or 0
     if 400 <= status < 500:
         return "rejected", raw.error or f"HTTP {status}"

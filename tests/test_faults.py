@@ -191,3 +191,67 @@ def test_deeply_nested_answer_is_invalid_json_not_a_crash():
 
     raw = RawResponse(sent_at=0.0, http_status=200, finish_reason="stop", text="[" * 100_000)
     assert classify(raw, SCHEMA)[0] == "invalid_json"
+
+
+# -- server garbage that used to crash a whole phase (now one record each) ---------------------------
+GARBAGE_STREAMS = {
+    "content-not-a-string": [b'data: {"choices": [{"delta": {"content": 5}}]}', b"data: [DONE]"],
+    "finish-reason-not-a-string": [b'data: {"choices": [{"delta": {"content": "{}"}, "finish_reason": 7}]}'],
+    "token-count-not-an-int": [b'data: {"choices": [{"delta": {"content": "{}"}, "finish_reason": "stop"}]}',
+                               b'data: {"choices": [], "usage": {"prompt_tokens": "many", "completion_tokens": 1.5}}'],
+}
+
+
+@pytest.mark.parametrize("name", sorted(GARBAGE_STREAMS))
+def test_wrongly_typed_stream_fields_are_invalid_json_not_a_crash(name):
+    from guided_ab.client import RawResponse, _StreamState
+
+    out = RawResponse(sent_at=0.0, http_status=200)
+    state = _StreamState(out)
+    for i, line in enumerate(GARBAGE_STREAMS[name]):
+        if not state.feed(line, float(i), 0.0):
+            break
+    state.finish()
+    outcome, error = classify(out, SCHEMA)
+    assert outcome == "invalid_json" and "malformed stream event" in error
+    _record(out, outcome, error)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"choices": [{"message": {"content": "\\ud800"}, "finish_reason": "stop"}]}',  # a lone surrogate
+    b'{"choices": [{"message": {"content": {"a": 1}}, "finish_reason": "stop"}]}',
+    b'{"choices": [{"message": {"content": "{}"}, "finish_reason": "stop"}], "usage": {"prompt_tokens": "x"}}',
+    b'{"choices": [{"message": {"content": "{}"}}], "usage": [1]}',
+])
+def test_wrongly_typed_bodies_are_invalid_json_not_a_crash(body):
+    from guided_ab.client import RawResponse, _read_body
+
+    out = RawResponse(sent_at=0.0, http_status=200)
+    _read_body(body, out)
+    outcome, error = classify(out, SCHEMA)
+    assert outcome == "invalid_json"
+    _record(out, outcome, error)
+
+
+def test_a_non_utf8_attribution_header_still_gives_a_writable_record():
+    async def handler(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        body = b'{"choices": [{"message": {"content": "{\\"name\\": \\"ab\\", \\"age\\": 3}"}, "finish_reason": "stop"}]}'
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-guided-ab-backend: gu\xffid\r\n"
+                     b"content-length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writer.close()
+
+    async def go():
+        srv = await asyncio.start_server(handler, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+        async with new_session(1) as http:
+            raw = await send_chat(http, url, chat_body("m", "p", SCHEMA, name="s", temperature=0, max_tokens=8, stream=False),
+                                  api_key=None, timeout_s=5)
+        srv.close()
+        return raw
+
+    raw = asyncio.run(go())
+    outcome, error = classify(raw, SCHEMA)
+    assert outcome == "success" and raw.backend == "gu?id"
+    _record(raw, outcome, error)

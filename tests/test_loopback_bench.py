@@ -46,6 +46,15 @@ def loopback(tmp_path_factory):
     proc.wait(10)
 
 
+def _run(coro):
+    """Run like the product does (guided_ab.phases.run_requests): on uvloop where installed."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 def _call(url: str, path: str, body: dict | None = None):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url + path, data=data, method="POST" if data is not None else "GET")
@@ -72,7 +81,7 @@ def test_records_complete_and_ttft_close_to_server(loopback, tmp_path):
     _call(loopback, "/bench/timings?clear=1")
     plan = _plan(24)  # 48 requests over two arms
     store, endpoints = _setup(loopback, tmp_path)
-    result = asyncio.run(run_plan(plan, endpoints, store, Workload(concurrency=8, max_tokens=20, timeout_s=30)))
+    result = _run(run_plan(plan, endpoints, store, Workload(concurrency=8, max_tokens=20, timeout_s=30)))
 
     assert (result.planned, result.recorded, result.sent_now) == (48, 48, 48)
     assert dict(result.outcomes) == {"success": 48}
@@ -90,9 +99,10 @@ def test_records_complete_and_ttft_close_to_server(loopback, tmp_path):
         e2e_err.append(r.latency_s - (s["t_end"] - s["t_recv"]))
     # the client cannot see a token before the server sent it (1 ms of clock slack) ...
     assert min(ttft_err) > -0.001 and min(e2e_err) > -0.001
-    # ... and adds little: generous bounds, this machine may be shared
-    assert statistics.median(ttft_err) < 0.025, sorted(ttft_err)
-    assert statistics.median(e2e_err) < 0.030, sorted(e2e_err)
+    # ... and adds little (about 1 ms here when the machine is idle; the bounds are generous
+    # because a shared 2-core machine stalls any process now and then)
+    assert min(ttft_err) < 0.010 and statistics.median(ttft_err) < 0.050, sorted(ttft_err)
+    assert min(e2e_err) < 0.010 and statistics.median(e2e_err) < 0.050, sorted(e2e_err)
 
 
 def test_resume_sends_only_unrecorded_requests(loopback, tmp_path):
@@ -100,18 +110,18 @@ def test_resume_sends_only_unrecorded_requests(loopback, tmp_path):
     plan = _plan(5, arms=("a",))
     store, endpoints = _setup(loopback, tmp_path, arms=("a",))
     wl = Workload(concurrency=2, max_tokens=8, timeout_s=30)
-    first = asyncio.run(run_plan(plan.model_copy(update={"requests": plan.requests[:2]}), endpoints, store, wl))
+    first = _run(run_plan(plan.model_copy(update={"requests": plan.requests[:2]}), endpoints, store, wl))
     assert first.sent_now == 2
     in_flight = plan.requests[2].request_id  # sent, then the process died before recording it
     with open(store.path("records", "ab.sent"), "a") as f:
         f.write(in_flight + "\n")
 
-    again = asyncio.run(run_plan(plan, endpoints, store, wl))
+    again = _run(run_plan(plan, endpoints, store, wl))
     assert (again.recorded_before, again.sent_now, again.recorded) == (2, 3, 5)
     records = store.journal("ab")
     assert sorted(r.request_id for r in records) == sorted(r.request_id for r in plan.requests)
     assert {r.request_id: r.attempt for r in records}[in_flight] == 2
-    assert asyncio.run(run_plan(plan, endpoints, store, wl)).sent_now == 0  # nothing left to send
+    assert _run(run_plan(plan, endpoints, store, wl)).sent_now == 0  # nothing left to send
 
 
 def test_arrivals_pace_the_sends(loopback, tmp_path):
@@ -119,7 +129,7 @@ def test_arrivals_pace_the_sends(loopback, tmp_path):
     plan = _plan(6, arms=("a",))
     store, endpoints = _setup(loopback, tmp_path, arms=("a",))
     arrivals = [0.05 * i for i in range(6)]
-    asyncio.run(run_plan(plan, endpoints, store, Workload(concurrency=6, max_tokens=8), arrivals=arrivals))
+    _run(run_plan(plan, endpoints, store, Workload(concurrency=6, max_tokens=8), arrivals=arrivals))
     sent = sorted(r.sent_at for r in store.journal("ab"))
     gaps = [b - a for a, b in zip(sent, sent[1:])]
     assert all(g > 0.03 for g in gaps), gaps  # not all at once: each waits for its arrival time

@@ -26,6 +26,8 @@ def raw(**kw):
         ({"failure": "timeout", "http_status": None}, "timeout"),
         ({"failure": "connection_error", "http_status": 200}, "connection_error"),
         ({"failure": "protocol"}, "invalid_json"),
+        ({"failure": "rejected", "error": "HTTP 400 (in stream): Grammar error"}, "rejected"),  # vLLM streams its 400s
+        ({"failure": "server_error", "error": "HTTP 500 (in stream): boom"}, "server_error"),
         ({"finish_reason": "length", "text": '{"email": "a@'}, "truncated"),
         ({"text": "sure! here it is"}, "invalid_json"),
         ({"text": '{"email": "not-an-email", "n": 2}'}, "schema_violation"),  # format is checked
@@ -42,3 +44,11 @@ def test_each_answer_gets_exactly_one_class(kw, outcome):
 def test_rejection_keeps_the_server_message():
     _, error = classify(raw(http_status=400, error="Grammar error: Unimplemented keys: [\"uniqueItems\"]"), SCHEMA)
     assert "uniqueItems" in error
+
+
+def test_vllm_stream_error_event_is_classified_by_its_code():
+    from guided_ab.client import stream_error
+
+    assert stream_error({"message": "Grammar error: Unimplemented keys", "code": 400})[0] == "rejected"
+    assert stream_error({"message": "engine dead", "code": 503})[0] == "server_error"
+    assert stream_error("garbage")[0] == "protocol"
