@@ -222,6 +222,7 @@ def _plot(pid: str, label: str, build: Callable[[], Any], caption: str = "", png
             if fig is None:
                 return f"<p class=\"muted\" id=\"{pid}\" data-testid=\"{pid}\">{_e(label)}: no data</p>"
             svg = _svg(fig, pid, label)
+            fig.set_layout_engine("none")  # keep the layout just computed: the PNG reuses it
             if png and png[0] is not None:
                 png[0][png[1]] = _png(fig)
     except Exception as err:  # noqa: BLE001 - the report must survive a bad plot
@@ -410,24 +411,28 @@ def _drift_fig(ctx: dict):
         c = ctx["colors"].get(arm, "#111827")
         x = (f["sent_at"].to_numpy(dtype=float) - t0) / div
         lat = f["latency_s"].to_numpy(dtype=float)
-        ok = (f["outcome"] == "success").to_numpy() & np.isfinite(lat)
-        bad = ~(f["outcome"] == "success").to_numpy() & np.isfinite(lat)
+        answered = f["outcome"].isin(ANSWERED_OUTCOMES).to_numpy() & np.isfinite(lat)
+        ok = (f["outcome"] == "success").to_numpy() & answered
+        bad = answered & ~ok
+        none = ~answered
         ax.scatter(x[ok], lat[ok], s=10, color=c, alpha=0.55, lw=0, label=f"{arm} success")
         if bad.any():
-            ax.scatter(x[bad], lat[bad], s=18, color=c, marker="x", lw=1, alpha=0.9, label=f"{arm} failed")
-        fin = np.isfinite(lat)
-        if fin.sum() >= 5:
-            w = max(3, int(fin.sum()) // 8)
-            med = pd.Series(lat[fin]).rolling(w, center=True, min_periods=max(2, w // 2)).median()
-            ax.plot(x[fin], med, color=c, lw=2, label=f"{arm} rolling median ({w})")
+            ax.scatter(x[bad], lat[bad], s=18, color=c, marker="x", lw=1, alpha=0.9, label=f"{arm} failed (answered)")
+        if none.any():  # no answer (rejected, timeout, ...): a tick on the time axis
+            ax.scatter(x[none], np.zeros(int(none.sum())), s=40, color=c, marker="|", lw=1.2,
+                       transform=ax.get_xaxis_transform(), clip_on=False, label=f"{arm} no answer")
+        if answered.sum() >= 5:
+            w = max(3, int(answered.sum()) // 8)
+            med = pd.Series(lat[answered]).rolling(w, center=True, min_periods=max(2, w // 2)).median()
+            ax.plot(x[answered], med, color=c, lw=2, label=f"{arm} median of {w} neighbours")
     ax.set_xlabel(f"{unit} since the first A/B request")
     ax.set_ylabel("end-to-end latency, s")
-    lat_all = ab["latency_s"].to_numpy(dtype=float)
+    lat_all = ab.loc[ab["outcome"].isin(ANSWERED_OUTCOMES), "latency_s"].to_numpy(dtype=float)
     lat_all = lat_all[np.isfinite(lat_all) & (lat_all > 0)]
     if lat_all.size and lat_all.max() / max(lat_all.min(), 1e-9) > 30:
         ax.set_yscale("log")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    ax.set_title("Latency of every A/B request in send order (x = failed request with an answer)")
+    ax.set_title("Latency of every A/B request in send order")
     return fig
 
 
@@ -437,7 +442,7 @@ def _cost_fig(ctx: dict):
     vals = [float(_get(ev, "arms", a, "cost", "per_1k_success")) for a in arms]
     if not arms or not any(v > 0 for v in vals):
         return None
-    fig = _figure(6.0, 0.8 + 0.45 * len(arms))
+    fig = _figure(9.0, 0.9 + 0.4 * len(arms))
     ax = fig.subplots()
     bars = ax.barh(arms, vals, color=[ctx["colors"].get(a) for a in arms], height=0.55)
     for b, v in zip(bars, vals):
@@ -606,9 +611,9 @@ def _criteria(ctx: dict) -> str:
             extra.append(f"p {c['pvalue']:.3g}")
         if c.get("pairs_needed"):
             extra.append(f"~{c['pairs_needed']} more pairs")
-        rows.append({
-            "criterion": f"<b>{_e(name)}</b><div class=\"muted small\">{_e(c.get('metric', ''))}</div>",
-            "role": _e(c.get("role")),
+        row = {
+            "criterion": f"<b>{_e(name)}</b> <span class=\"role\">{_e(c.get('role'))}</span>"
+                         f"<div class=\"muted small\">{_e(c.get('metric', ''))}</div>",
             "candidate": _e(c.get("candidate")),
             "estimate": _e(f(c.get("estimate"))),
             "95% interval": _e(f"[{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "n/a"),
@@ -616,7 +621,10 @@ def _criteria(ctx: dict) -> str:
             "": _interval_svg(c),
             "verdict": _badge(verdict, CRIT_CLASS.get(verdict, "info")),
             "notes": _e("; ".join(extra)),
-        })
+        }
+        if len(ctx["ev"].get("candidates") or []) < 2:
+            del row["candidate"]
+        rows.append(row)
     cols = frozenset(rows[0]) if rows else frozenset()
     return (
         "<section id=\"criteria\" data-testid=\"criteria\"><h2>Decision criteria (pre-registered in the config)</h2>"
@@ -760,7 +768,9 @@ def _drift(ctx: dict) -> str:
         "<p class=\"muted\">Pairs are interleaved (ABBA), so a slow-down of the machine or server during the run "
         "should hit both arms alike. Diverging trends, or a trend within one arm, mean the comparison may not "
         "hold at another time.</p>"
-        + _plot("plot-drift", "Latency over time per arm", lambda: _drift_fig(ctx))
+        + _plot("plot-drift", "Latency over time per arm", lambda: _drift_fig(ctx),
+                "Dots: successful requests; crosses: answered but failed (truncated, invalid JSON, schema violation); "
+                "ticks on the time axis: requests without an answer (rejected, timeout, server or connection error).")
         + _table(rows, "drift-table")
     )
 
@@ -832,7 +842,9 @@ section,header{background:var(--card);border:1px solid var(--line);border-radius
 table{border-collapse:collapse;width:100%;margin:6px 0;font-variant-numeric:tabular-nums}
 th,td{text-align:left;padding:5px 8px;border-bottom:1px solid var(--line);vertical-align:top}
 th{font-size:12px;color:#374151;background:#f9fafb;white-space:nowrap}
-table.criteria td{vertical-align:middle;white-space:nowrap}table.criteria td:first-child{white-space:normal;min-width:200px}
+table.criteria td{vertical-align:middle;white-space:nowrap}table.criteria td:first-child{white-space:normal;min-width:220px}
+table.criteria td:last-child{white-space:normal;font-size:12px;color:var(--muted)}
+.role{font-size:11px;text-transform:uppercase;letter-spacing:.04em;color:var(--muted);border:1px solid var(--line);border-radius:4px;padding:0 4px;margin-left:4px}
 .badge{display:inline-block;padding:1px 8px;border-radius:999px;font-size:12px;font-weight:600;white-space:nowrap}
 .badge.ok{background:#dcfce7;color:var(--ok)}.badge.bad{background:#fee2e2;color:var(--bad)}
 .badge.warn{background:#fef3c7;color:var(--warn)}.badge.info{background:#e0e7ff;color:var(--info)}

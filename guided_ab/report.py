@@ -185,31 +185,31 @@ VERDICT_STYLE = {"switch": "bold green", "keep": "bold blue", "inconclusive": "b
 
 
 def runs_table(root: str | Path) -> Table:
-    """Past runs, newest first: decision, what to serve, pairs, per-arm success / p50, reports."""
-    import time
-
+    """Past runs, newest first (the run id holds the start time): decision, what to serve, pairs,
+    per-arm success rate and p50 latency."""
     runs = list_runs(root)
     table = Table(title=f"runs in {Path(root).resolve()}",
                   caption=None if runs else "no runs yet: `guided-ab run configs/local.yaml` starts one")
-    for c in ("run id", "when", "decision", "serve", "pairs", "arms: success / p50 s", "report"):
-        table.add_column(c, no_wrap=c in ("run id", "when"))
+    table.add_column("run id", overflow="fold")
+    table.add_column("decision", no_wrap=True)
+    table.add_column("serve", overflow="fold")
+    table.add_column("pairs", justify="right")
+    table.add_column("per arm: success · p50")
     for d in runs:
-        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(d.stat().st_mtime))
         try:
             decision = json.loads((d / "decision.json").read_text())
             evaluation = json.loads((d / "evaluation.json").read_text())
-            arms = "; ".join(
-                f"{n}: {_f((a.get('success', {}).get('rate') or {}).get('estimate'), '{:.0%}')} / "
-                f"{_f((a.get('latency', {}).get('p50') or {}).get('estimate'))}"
+            arms = "\n".join(
+                f"{n} {_f((a.get('success', {}).get('rate') or {}).get('estimate'), '{:.0%}')} · "
+                f"{_f((a.get('latency', {}).get('p50') or {}).get('estimate'), '{:.2f}s')}"
                 for n, a in evaluation.get("arms", {}).items()
             )
             pairs = max((int(c.get("n_pairs", 0)) for c in evaluation.get("comparisons", {}).values()), default=0)
             verdict = decision.get("verdict", "?")
-            reports = [n for n in ("report.html", "report.md") if (d / n).is_file()]
-            table.add_row(d.name, when, f"[{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/]", str(decision.get("serve")),
-                          str(pairs), arms, ", ".join(reports) or "-")
+            table.add_row(d.name, f"[{VERDICT_STYLE.get(verdict, 'bold')}]{verdict}[/]", str(decision.get("serve")),
+                          str(pairs), arms)
         except (OSError, ValueError):
-            table.add_row(d.name, when, "[dim](not decided)[/]", "", "", "", "-")
+            table.add_row(d.name, "[dim](not decided)[/]", "", "", "")
     return table
 
 

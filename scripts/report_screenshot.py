@@ -65,7 +65,8 @@ def resolve_report(run: str, store: str) -> Path:
     return html.resolve()
 
 
-def screenshot(html: Path, out: Path, width: int = 1200, height: int = 0, scale: float = 1.0) -> Path:
+def screenshot(html: Path, out: Path, width: int = 1200, height: int = 0, scale: float = 1.0,
+               optimize: bool = True) -> Path:
     from playwright.sync_api import sync_playwright
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +91,20 @@ def screenshot(html: Path, out: Path, width: int = 1200, height: int = 0, scale:
                 page.screenshot(path=str(out), full_page=True)
         finally:
             browser.close()
+    if optimize:
+        _shrink(out)
     return out
+
+
+def _shrink(path: Path) -> None:
+    """Re-encode with a 256-colour palette (a flat report loses nothing visible, the file ~3x smaller)."""
+    try:
+        from PIL import Image  # Pillow comes with matplotlib
+    except ImportError:
+        return
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    small.save(path, optimize=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=1200, help="viewport width in CSS pixels")
     ap.add_argument("--height", type=int, default=0, help="capture this many pixels from the top (0: whole page)")
     ap.add_argument("--scale", type=float, default=1.0, help="device scale factor (2 for a sharper, larger PNG)")
+    ap.add_argument("--no-optimize", action="store_true", help="keep Chromium's PNG as is (no 256-colour palette)")
     args = ap.parse_args(argv)
     html = resolve_report(args.run, args.store)
-    out = screenshot(html, Path(args.output), args.width, args.height, args.scale)
+    out = screenshot(html, Path(args.output), args.width, args.height, args.scale, optimize=not args.no_optimize)
     print(f"{out} ({out.stat().st_size // 1024} KiB) from {html}")
     return 0
 

@@ -135,10 +135,10 @@ def test_per_request_mode_by_header_and_server_stats():
 
 
 def test_storm_cold_start_then_ready():
-    with FaultServer("storm", cold_start_s=0.3, storm_requests=0) as srv:
+    with FaultServer("storm", cold_start_s=1.0, storm_requests=0) as srv:
         first = httpx.get(srv.url + "/v1/models", timeout=5).status_code
         health = httpx.get(srv.url + "/health", timeout=5).status_code
-        asyncio.run(asyncio.sleep(0.35))
+        asyncio.run(asyncio.sleep(1.05))
         later = httpx.get(srv.url + "/v1/models", timeout=5).status_code
     assert (first, health, later) == (503, 503, 200)
 
