@@ -16,10 +16,15 @@ from ._common import DEFAULT_STORE, open_run
 
 
 @flow(name="evaluate", log_prints=True)
-def evaluate(run_id: str, store: str = DEFAULT_STORE, thresholds: DecisionOverrides | None = None) -> dict:
-    """Re-compute evaluation.json and decision.json (thresholds override the config's, recorded as such)."""
+def evaluate(
+    run_id: str, store: str = DEFAULT_STORE, thresholds: DecisionOverrides | None = None, decide: bool = True,
+) -> dict:
+    """Re-compute evaluation.json and, unless decide=False (the experiment flow decides in its
+    next phase), decision.json and the reports. Thresholds override the config's, recorded as such."""
     rs, _ = open_run(run_id, store)
-    evaluate_run(rs, thresholds)
+    evaluation = evaluate_run(rs, thresholds)
+    if not decide:
+        return {"gates": evaluation.get("gates", []), "valid": evaluation.get("valid")}
     decision = decide_run(rs, thresholds)
     publish_results(rs)
     return decision

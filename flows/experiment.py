@@ -58,6 +58,6 @@ def experiment(config_path: str = "configs/local.yaml", run_id: str | None = Non
             ab(rs.run_id, cfg.store)
     finally:
         teardown(rs)  # right after the last request: GPUs stop billing before the statistics
-    evaluate(rs.run_id, cfg.store)
+    evaluate(rs.run_id, cfg.store, decide=False)
     decision = decide_teardown(rs.run_id, cfg.store)
     return {"run_id": rs.run_id, "decision": decision["verdict"], "store": str(rs.dir)}

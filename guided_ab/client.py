@@ -5,13 +5,15 @@ token counts, finish_reason and the backend the server resolved (response header
 guided_ab.attribution inside the vLLM process). Nothing here raises for a bad answer: every
 outcome comes back as a RawResponse, to be classified by guided_ab.validation.
 
-The clock: both times start when send_chat is called (connection from the pool, request
-serialization and sending included), TTFT stops when the network chunk holding the first
-content event reaches this process (before that event is parsed), latency when the response
-has ended. The fast path is an aiohttp session from `new_session` (pooled keep-alive
-connections, a C HTTP parser, raw SSE chunks split here and parsed with orjson); an
-httpx.AsyncClient is still accepted for callers that have one. bench/loadgen_vs_guidellm.py
-measures both against a server's own timings.
+The clock: both times start when the request goes out (an aiohttp trace hook right before the
+body, with the headers buffered with it, is written to the connection; like guidellm, so waiting
+for a pooled connection, connecting and building the request are not the server's time), TTFT
+stops when the network chunk holding the first content event reaches this process (before that
+event is parsed), latency when the response has ended; `sent_at` is the wall clock at that
+start. The fast path is an aiohttp session from `new_session` (pooled keep-alive connections, a
+C HTTP parser, raw SSE chunks split here and parsed with orjson); an httpx.AsyncClient is still
+accepted for callers that have one (its clocks start when send_chat is called).
+bench/loadgen_vs_guidellm.py measures the load path against a server's own timings.
 """
 
 from __future__ import annotations
