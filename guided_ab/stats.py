@@ -142,7 +142,9 @@ def wilson(successes: int, n: int, alpha: float = 0.05) -> Interval:
     if n <= 0:
         return NO_INTERVAL
     lo, hi = proportion_confint(int(successes), int(n), alpha=alpha, method="wilson")
-    return Interval(successes / n, float(lo), float(hi))
+    p = successes / n
+    # at p = 0 or 1 the formula's bound misses the estimate by rounding (1e-17): clamp
+    return Interval(p, min(float(lo), p), max(float(hi), p))
 
 
 def newcombe_diff_independent(x1: int, n1: int, x0: int, n0: int, alpha: float = 0.05) -> Interval:

@@ -106,6 +106,7 @@ def main() -> int:
     ap.add_argument("--exclude", help="names never carried (not needed on the GPU path)")
     ap.add_argument("--present", help="names (or name==version) the machine has")
     ap.add_argument("--pins", help="name==version lines to prefer (e.g. a known-good local virtualenv)")
+    ap.add_argument("--needs-out", help="write 'name<spec>' for every package left to the machine (checked there)")
     a = ap.parse_args()
     dest = Path(a.dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -174,8 +175,11 @@ def main() -> int:
         total += size
         print(f"{size / 2**20:8.2f} MiB  {w.name}  <- {', '.join(sorted(asked_by.get(n, {'?'})))[:80]}")
     print(f"{total / 2**20:8.2f} MiB in {len(have)} wheels")
-    for n, why in sorted(skipped.items()):
-        print(f"  skipped {n}: {why}", file=sys.stderr)
+    if a.needs_out:
+        lines = [f"{n}{specs[n]}  # {', '.join(sorted(asked_by[n]))}" for n, why in sorted(skipped.items()) if why != "excluded"]
+        Path(a.needs_out).write_text("\n".join(lines) + "\n")
+    print(f"  left to the machine: {sum(w != 'excluded' for w in skipped.values())}, "
+          f"excluded: {sorted(n for n, w in skipped.items() if w == 'excluded')}", file=sys.stderr)
     return 0
 
 

@@ -29,10 +29,10 @@ pins=$(mktemp)
 [ -x .venv/bin/python ] && .venv/bin/python -m pip list --format=freeze 2>/dev/null > "$pins" || true
 echo "[prepare] wheel closure of the vLLM server Python"
 "$PY" bench/gpu/closure.py --dest .whl/vllm --roots bench/gpu/roots-vllm.txt \
-  --exclude bench/gpu/exclude-vllm.txt --present bench/gpu/machine-packages.txt | tail -1
+  --exclude bench/gpu/exclude-vllm.txt --present bench/gpu/machine-packages.txt --needs-out bench/gpu/needs-vllm.txt | tail -1
 echo "[prepare] wheel closure of the orchestrator Python (pinned to .venv's versions where it has them)"
 "$PY" bench/gpu/closure.py --dest .whl/orch --roots bench/gpu/roots-orchestrator.txt \
-  --exclude bench/gpu/exclude-orchestrator.txt --present bench/gpu/machine-packages.txt --pins "$pins" | tail -1
+  --exclude bench/gpu/exclude-orchestrator.txt --present bench/gpu/machine-packages.txt --pins "$pins" --needs-out bench/gpu/needs-orchestrator.txt | tail -1
 rm -f "$pins"
 
 plat=()
