@@ -8,6 +8,9 @@ an optional delay per token, and stamps its own true timings of every request:
     t_last   the last content token was handed to the kernel
     t_end    the response was complete ([DONE] and the chunked terminator written)
 
+Send times are stamped right before the socket write: a stamp taken after it can come late,
+because the write wakes the client, which the kernel may run first on a busy machine.
+
 A load generator's reported TTFT and end-to-end latency are compared with `t_first - t_recv` and
 `t_end - t_recv`; the difference is what the client adds (its send path, its event-loop lag,
 its parsing). Timings are kept in memory keyed by the completion id (`chatcmpl-lb<n>`, also the
@@ -300,8 +303,8 @@ class HttpProtocol(asyncio.Protocol):
                          "finish_reason": "stop"}],
             "usage": usage,
         }).encode()
-        self._simple(200, payload, extra=extra)
         t = time.time()
+        self._simple(200, payload, extra=extra)
         self.server.timings.append((rid, False, len(pieces), delay, t_recv, t, t, t, True))
 
     def stream_done(self, *, resume: bool) -> None:
@@ -348,44 +351,44 @@ class _Stream:
             out += _event({**self.prefix, "choices": [], "usage": self.usage})
         return out + _DONE
 
-    def _write(self, data: bytes) -> bool:
+    def _write(self, data: bytes) -> float | None:
+        """Write to the connection; the time right before the write, or None if it is closed."""
         p = self.proto
         if p.closed or p.transport is None or p.transport.is_closing():
-            return False
+            return None
+        t = time.time()
         p.transport.write(data)
-        return True
+        return t
 
     def run_now(self) -> None:
         """No delay: the whole answer in one write (one TCP send), as a server does when tokens are ready."""
         data = b"".join([self._token_event(k) for k in range(len(self.pieces))]) + self._tail()
-        ok = self._write(data)
-        t = time.time() if ok else None
-        self.proto.server.timings.append((self.rid, True, len(self.pieces), 0.0, self.t_recv, t, t, t, ok))
+        t = self._write(data)
+        self.proto.server.timings.append((self.rid, True, len(self.pieces), 0.0, self.t_recv, t, t, t, t is not None))
         self.proto.stream_done(resume=False)
 
     async def run_paced(self) -> None:
         """Token k is written at t_recv + (k+1) * delay (a fixed schedule: no drift from sleep overshoot)."""
         loop = asyncio.get_running_loop()
         start = loop.time() - (time.time() - self.t_recv)
-        t_first = t_last = None
-        ok = True
+        t_first = t_last = t_end = None
         try:
             for k in range(len(self.pieces)):
                 wait = start + (k + 1) * self.delay - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
-                if not self._write(self._token_event(k)):
-                    ok = False
+                t_last = self._write(self._token_event(k))
+                if t_last is None:
                     break
-                t_last = time.time()
                 if k == 0:
                     t_first = t_last
-            ok = ok and self._write(self._tail())
+            else:
+                t_end = self._write(self._tail())
         except asyncio.CancelledError:
-            ok = False
+            t_end = None
         finally:
             self.proto.server.timings.append((self.rid, True, len(self.pieces), self.delay, self.t_recv, t_first, t_last,
-                                              time.time() if ok else None, ok))
+                                              t_end, t_end is not None))
             self.proto.stream_done(resume=True)
 
 

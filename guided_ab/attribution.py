@@ -68,7 +68,21 @@ def resolve_backend(engine: Any, schema: dict | str) -> str:
             validate_xgrammar_grammar(SamplingParams(structured_outputs=StructuredOutputsParams(json=copy.deepcopy(schema))))
             return "xgrammar"
         except Exception:
-            return "guidance"
+            return _auto_fallback(schema)
+
+
+def _auto_fallback(schema: dict | str) -> str:
+    """Where `auto` goes once xgrammar refused: guidance, or (vLLM 0.26 and other versions that
+    have the check) outlines for schemas guidance cannot take (e.g. patternProperties)."""
+    try:
+        from vllm.v1.structured_output.backend_guidance import has_guidance_unsupported_json_features
+    except ImportError:  # versions without the check fall back to guidance only
+        return "guidance"
+    try:
+        obj = json.loads(schema) if isinstance(schema, str) else schema
+        return "outlines" if has_guidance_unsupported_json_features(obj) else "guidance"
+    except Exception:
+        return "guidance"
 
 
 class BackendAttributionMiddleware:

@@ -83,9 +83,10 @@ def test_deployments_register_and_evaluate_runs_from_the_api(prefect_server, tmp
             )
             return run.id
 
-    # the API client talks to the module's server
-    os.environ.update({k: env[k] for k in ("PREFECT_API_URL", "PREFECT_HOME")})
-    try:
+    # the API client talks to this module's server (also when a session-wide test harness is active)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: env["PREFECT_API_URL"]}):
         flow_run_id = asyncio.run(trigger_and_read())
         cli(env, "worker", "start", "--pool", "guided-ab", "--run-once", timeout=420)
 
@@ -104,9 +105,6 @@ def test_deployments_register_and_evaluate_runs_from_the_api(prefect_server, tmp
                 return fr, arts
 
         fr, arts = asyncio.run(wait_and_artifacts())
-    finally:
-        for k in ("PREFECT_API_URL",):
-            os.environ.pop(k, None)
     assert fr.state.is_completed(), fr.state
     keys = {a.key for a in arts}
     assert {"synthetic-report", "synthetic-arms", "synthetic-criteria"} <= keys, keys

@@ -11,7 +11,8 @@ numba pin conflicts with the machine's numpy), so this walks the requirements it
 
 Usage (from the repository root):
   python bench/gpu/closure.py --dest .whl/vllm --roots bench/gpu/roots-vllm.txt \
-      --exclude bench/gpu/exclude-vllm.txt --present bench/gpu/machine-packages.txt
+      --exclude bench/gpu/exclude-vllm.txt --present bench/gpu/machine-packages.txt \
+      --overrides bench/gpu/overrides-vllm.txt
 Prints one line per wheel with its size and who asked for it, then the total.
 """
 
@@ -106,6 +107,7 @@ def main() -> int:
     ap.add_argument("--exclude", help="names never carried (not needed on the GPU path)")
     ap.add_argument("--present", help="names (or name==version) the machine has")
     ap.add_argument("--pins", help="name==version lines to prefer (e.g. a known-good local virtualenv)")
+    ap.add_argument("--overrides", help="name==version lines that win over every requirement on that name")
     ap.add_argument("--needs-out", help="write 'name<spec>' for every package left to the machine (checked there)")
     a = ap.parse_args()
     dest = Path(a.dest)
@@ -113,6 +115,7 @@ def main() -> int:
     exclude = {canonicalize_name(n) for n in read_list(a.exclude)}
     present = present_versions(read_list(a.present))
     pins = present_versions(read_list(a.pins))
+    overrides = {canonicalize_name(Requirement(r).name): Requirement(r) for r in read_list(a.overrides)}
 
     specs: dict[str, SpecifierSet] = {}
     extras: dict[str, set[str]] = {}
@@ -125,7 +128,14 @@ def main() -> int:
         for req, parent in queue:
             n = canonicalize_name(req.name)
             asked_by.setdefault(n, set()).add(parent)
-            specs[n] = specs.get(n, SpecifierSet()) & req.specifier
+            if n in overrides:
+                pinned = next(iter(overrides[n].specifier)).version
+                if str(req.specifier) and not req.specifier.contains(pinned, prereleases=True):
+                    print(f"!! override {overrides[n]} beats {parent}'s {req.name}{req.specifier}", file=sys.stderr)
+                req = overrides[n]
+                specs[n] = req.specifier
+            else:
+                specs[n] = specs.get(n, SpecifierSet()) & req.specifier
             extras.setdefault(n, set()).update(req.extras)
             if n in exclude:
                 skipped[n] = "excluded"

@@ -9,7 +9,7 @@
 #   .gpu-pieces/build/{vsite,osite}   both installed (pip --target, cp312 manylinux x86_64),
 #                vsite trimmed of what an H100 serving a Llama-architecture model never loads
 #   .gpu-pieces/build/jsonschemabench/{Glaiveai2K,Github_medium}  from ../shared (never committed)
-#   .gpu-pieces/part-NN   one gzip'd tar of the three, split; .gpu-pieces/manifest.txt
+#   .gpu-pieces/part-NN   one gzip'd tar of the three, split; bench/gpu/pieces.manifest (sizes, sha256)
 #
 # The machine's own packages are read from bench/gpu/machine-packages.txt (names, or name==version
 # once a device call has printed `pip list --format=freeze` into it): a package it has in a version
@@ -29,7 +29,7 @@ pins=$(mktemp)
 [ -x .venv/bin/python ] && .venv/bin/python -m pip list --format=freeze 2>/dev/null > "$pins" || true
 echo "[prepare] wheel closure of the vLLM server Python"
 "$PY" bench/gpu/closure.py --dest .whl/vllm --roots bench/gpu/roots-vllm.txt \
-  --exclude bench/gpu/exclude-vllm.txt --present bench/gpu/machine-packages.txt --needs-out bench/gpu/needs-vllm.txt | tail -1
+  --exclude bench/gpu/exclude-vllm.txt --present bench/gpu/machine-packages.txt --overrides bench/gpu/overrides-vllm.txt --needs-out bench/gpu/needs-vllm.txt | tail -1
 echo "[prepare] wheel closure of the orchestrator Python (pinned to .venv's versions where it has them)"
 "$PY" bench/gpu/closure.py --dest .whl/orch --roots bench/gpu/roots-orchestrator.txt \
   --exclude bench/gpu/exclude-orchestrator.txt --present bench/gpu/machine-packages.txt --pins "$pins" --needs-out bench/gpu/needs-orchestrator.txt | tail -1
@@ -73,8 +73,8 @@ cp "$SHARED/jsonschemabench/README.md" "$B/jsonschemabench/"
 
 du -sh "$B"/vsite "$B"/osite "$B"/jsonschemabench
 echo "[prepare] packing into pieces of ${PIECE_MIB} MiB"
-rm -f .gpu-pieces/part-* .gpu-pieces/manifest.txt
+rm -f .gpu-pieces/part-*
 tar -C "$B" -cf - vsite osite jsonschemabench | gzip -6 | split -d -b "${PIECE_MIB}M" - .gpu-pieces/part-
 ( cd .gpu-pieces && ls -l part-* | awk '{printf "%s %d\n", $9, $5}' && cat part-* | sha256sum | awk '{print "sha256 " $1}' ) \
-  | tee .gpu-pieces/manifest.txt
+  | tee bench/gpu/pieces.manifest
 du -cb .gpu-pieces/part-* | tail -1 | awk '{printf "[prepare] %.1f MiB in all\n", $1/1048576}'
