@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,12 +29,22 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
     """Start every arm (not yet waiting); endpoints.json is written after each start, so a
     failure half-way still leaves a record of what must be torn down."""
     endpoints = load_endpoints(store, missing_ok=True)
+    started_locally: dict[str, float] = {}
     for arm in cfg.arms:
         if arm.name in endpoints:
             continue  # idempotent re-run of deploy: keep what is already up
         log(f"starting arm '{arm.name}' ({arm.target}, backend={arm.backend})")
-        endpoints[arm.name] = start_arm(arm, store)
+        endpoints[arm.name] = ep = start_arm(arm, store)
         save_endpoints(store, endpoints)
+        if ep.target == "local":
+            # Local servers share this machine's cores: starting them one after the other is
+            # several times faster than at once (their start-up threads would fight for the CPUs).
+            t0 = time.monotonic()
+            wait_arm(ep, cfg.server_start_timeout_s)
+            started_locally[arm.name] = time.monotonic() - t0
+            log(f"arm '{arm.name}' ready at {ep.base_url} after {started_locally[arm.name]:.1f} s")
+    if started_locally:
+        store.write_json("startup.json", started_locally)
     return endpoints
 
 
@@ -43,7 +54,7 @@ def wait_endpoints(cfg: ExperimentConfig, store: RunStore, endpoints: dict[str, 
         deadline = cfg.server_start_timeout_s
         if ep.target == "modal":  # a large model's cold start may exceed the generic deadline
             deadline = max(deadline, cfg.arm(name).modal.startup_timeout_s)
-        waited[name] = wait_arm(ep, deadline)
+        waited[name] = wait_arm(ep, deadline) + store.read_json("startup.json", default={"-": 0}).get(name, 0.0)
         log(f"arm '{name}' ready at {ep.base_url} after {waited[name]:.1f} s")
     store.write_json("deploy.json", {"ready_after_s": waited, "at": time.time()})
     return waited
@@ -106,8 +117,19 @@ def planned_counts(plans: dict[str, Plan]) -> dict[str, dict[str, int]]:
 
 
 # -- observe / A/B -----------------------------------------------------------------------------
-def run_requests(cfg: ExperimentConfig, store: RunStore, phase: str, progress: Progress | None = None) -> PhaseResult:
-    """Send (the rest of) a phase's plan; finalize its records as parquet."""
+class PhaseInterrupted(RuntimeError):
+    """The phase was stopped (Ctrl-C, cancellation) before its plan was done; re-run to resume."""
+
+
+def run_requests(
+    cfg: ExperimentConfig, store: RunStore, phase: str, progress: Progress | None = None,
+    stop: threading.Event | None = None,
+) -> PhaseResult:
+    """Send (the rest of) a phase's plan; finalize its records as parquet.
+
+    Setting `stop` (from another thread) cancels the requests in flight at once: they were
+    sent but are not recorded, so a re-run of the phase sends them again (as attempt 2).
+    """
     plan = build_plans(cfg, store)[phase]
     endpoints = load_endpoints(store)
     missing = sorted(set(plan.arms) - set(endpoints))
@@ -119,8 +141,21 @@ def run_requests(cfg: ExperimentConfig, store: RunStore, phase: str, progress: P
         runner = uvloop.run
     except ImportError:  # uvloop is optional (not on Windows)
         runner = asyncio.run
+    async def main() -> PhaseResult:
+        task = asyncio.ensure_future(run_plan(plan, {a: endpoints[a] for a in plan.arms}, store, cfg.workload, progress=progress))
+        while stop is not None and not task.done():
+            if stop.is_set():
+                task.cancel()
+                break
+            await asyncio.wait({task}, timeout=0.2)
+        return await task
+
     try:
-        result = runner(run_plan(plan, {a: endpoints[a] for a in plan.arms}, store, cfg.workload, progress=progress))
+        result = runner(main())
+    except asyncio.CancelledError:
+        raise PhaseInterrupted(
+            f"phase {phase} of run {store.run_id} was stopped; `guided-ab {phase} --run-id {store.run_id}` resumes it"
+        ) from None
     finally:
         store.finalize_records(phase)  # whatever was recorded is kept, also on failure
     return result

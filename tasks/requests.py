@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from collections import Counter
 
@@ -38,14 +39,21 @@ def send_requests(cfg: ExperimentConfig, store: RunStore, phase: str) -> dict:
 
     art = create_progress_artifact(0.0, key=f"{cfg.name}-{phase}-progress", description=f"{phase}: starting")
     last_logged = -1
-    with console_progress.bar(f"{phase}: requests", total=0) as bar, concurrent.futures.ThreadPoolExecutor(1) as pool:
-        fut = pool.submit(phases.run_requests, cfg, store, phase, progress)
+    stop = threading.Event()
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    with console_progress.bar(f"{phase}: requests", total=0) as bar:
+        fut = pool.submit(phases.run_requests, cfg, store, phase, progress, stop)
         while True:
             try:
                 result: PhaseResult = fut.result(timeout=UPDATE_EVERY_S)
                 break
             except concurrent.futures.TimeoutError:
                 pass
+            except BaseException:  # Ctrl-C / cancellation: stop the requests now, keep what is recorded
+                stop.set()
+                concurrent.futures.wait([fut], timeout=30)
+                pool.shutdown(wait=False)
+                raise
             finally:
                 total = state["total"] or 1
                 text = _describe(state["done"], state["total"], state["outcomes"])
@@ -54,6 +62,7 @@ def send_requests(cfg: ExperimentConfig, store: RunStore, phase: str) -> dict:
                 if tenth != last_logged:
                     last_logged = tenth
                     log.info(f"{phase}: {text}")
+    pool.shutdown(wait=False)
     summary = {
         "phase": phase, "planned": result.planned, "recorded": result.recorded,
         "sent_now": result.sent_now, "outcomes": dict(result.outcomes),
