@@ -164,6 +164,7 @@ def reap(
     modal_prefix: Optional[str] = typer.Option(
         None, help="also stop deployed Modal apps whose name starts with this (e.g. 'gab-'); needs a Modal token"
     ),
+    force: bool = typer.Option(False, "--force", help="also stop servers of experiments that are still running"),
 ) -> None:
     """Stop local vLLM servers left behind by crashed runs, and (with --modal-prefix) old Modal apps."""
     from .reaper import reap_everything
@@ -174,7 +175,7 @@ def reap(
         for rec in local.leftovers():
             out.print(rec)
         return
-    stopped = reap_everything(run_id=run_id, older_than_s=older_than, modal_prefix=modal_prefix, log=out.print)
+    stopped = reap_everything(run_id=run_id, older_than_s=older_than, modal_prefix=modal_prefix, force=force, log=out.print)
     print(f"reaped={len(stopped)}")
 
 

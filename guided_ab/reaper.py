@@ -11,10 +11,10 @@ from .targets import local
 
 def reap_everything(
     *, run_id: str | None = None, older_than_s: float = 0.0, modal_prefix: str | None = None,
-    log: Callable[[str], None] = print,
+    force: bool = False, log: Callable[[str], None] = print,
 ) -> list[str]:
     stopped = []
-    for rec in local.reap(run_id=run_id, older_than_s=older_than_s):
+    for rec in local.reap(run_id=run_id, older_than_s=older_than_s, force=force):
         msg = f"stopped local server pid={rec['pid']} port={rec['port']} run={rec['run_id']} arm={rec['arm']}"
         log(msg)
         stopped.append(msg)

@@ -113,7 +113,7 @@ def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str) -
     started = time.time()
     _record_path(store.run_id, arm.name).write_text(json.dumps({
         "run_id": store.run_id, "arm": arm.name, "pid": proc.pid, "pgid": proc.pid, "port": port,
-        "started_at": started, "log": str(log_path),
+        "started_at": started, "log": str(log_path), "owner_pid": os.getpid(), "owner_cmd": _cmdline(os.getpid()),
     }))
     return Endpoint(
         run_id=store.run_id, arm=arm.name, target="local", base_url=f"http://127.0.0.1:{port}", model=SERVED_MODEL_NAME,
@@ -208,6 +208,19 @@ def stop(ep: Endpoint) -> bool:
     return stopped
 
 
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _owner_alive(rec: dict) -> bool:
+    """Is the process that started this server (the experiment) still running?"""
+    pid = rec.get("owner_pid")
+    return bool(pid) and _alive(pid) and _cmdline(pid) == rec.get("owner_cmd", "")
+
+
 def leftovers() -> list[dict]:
     """Records of local servers started by any run and not stopped by it."""
     out = []
@@ -218,12 +231,15 @@ def leftovers() -> list[dict]:
             continue
         rec["record"] = str(p)
         rec["alive"] = _alive(rec["pid"]) and _is_our_server(rec["pid"])
+        rec["owner_alive"] = _owner_alive(rec)
         out.append(rec)
     return out
 
 
-def reap(*, run_id: str | None = None, older_than_s: float = 0.0) -> list[dict]:
-    """Stop leftover servers (optionally only one run's, or only those older than a threshold)."""
+def reap(*, run_id: str | None = None, older_than_s: float = 0.0, force: bool = False) -> list[dict]:
+    """Stop leftover servers: those whose experiment process is gone (crashed, killed), optionally
+    only one run's or only those older than a threshold. `force` also stops servers of runs
+    that are still going."""
     stopped = []
     now = time.time()
     for rec in leftovers():
@@ -231,6 +247,8 @@ def reap(*, run_id: str | None = None, older_than_s: float = 0.0) -> list[dict]:
             continue
         if now - rec.get("started_at", now) < older_than_s:
             continue
+        if rec["owner_alive"] and not force:
+            continue  # its experiment is running and will stop it itself
         if rec["alive"]:
             stop_group(rec["pgid"])
             stopped.append(rec)
