@@ -6,6 +6,7 @@ Prefect is imported only by the commands that run flows, so the others answer qu
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -59,6 +60,10 @@ def run(
         out.print(describe_plan(cfg), highlight=False, soft_wrap=True)
         return
     _prefect_defaults()
+    # The result line must be the last line of output: Prefect stops its temporary server (and
+    # logs that) from an exit handler, so print ours from one registered earlier (they run LIFO).
+    final_line: list[str] = []
+    atexit.register(lambda: final_line and print(final_line[0], flush=True))
     from flows.experiment import experiment
 
     try:
@@ -68,7 +73,7 @@ def run(
     except Exception as err:  # the flow failed: say why, records stay in the store
         _fail(f"the experiment failed: {err}", code=1)
     _print_summary(Path(result["store"]))
-    print(f"run_id={result['run_id']} decision={result['decision']} store={result['store']}")
+    final_line.append(f"run_id={result['run_id']} decision={result['decision']} store={result['store']}")
 
 
 def _print_summary(run_dir: Path) -> None:
