@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -30,15 +31,21 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
     failure half-way still leaves a record of what must be torn down."""
     endpoints = load_endpoints(store, missing_ok=True)
     started_locally: dict[str, float] = {}
+    # Local servers share this machine's cores. With a core per arm, each server gets its own
+    # (an arm's requests never slow the other's, and the two requests of a pair can run at
+    # once); with fewer cores than arms they share all cores and start one after the other
+    # (at once, their start-up threads would fight for the CPUs: several times slower).
+    local_arms = [a.name for a in cfg.arms if a.target == "local"]
+    own_core = 1 < len(local_arms) <= (os.cpu_count() or 1)
+    cores = {name: str(i) for i, name in enumerate(local_arms)} if own_core else {}
     for arm in cfg.arms:
         if arm.name in endpoints:
             continue  # idempotent re-run of deploy: keep what is already up
-        log(f"starting arm '{arm.name}' ({arm.target}, backend={arm.backend})")
-        endpoints[arm.name] = ep = start_arm(arm, store)
+        log(f"starting arm '{arm.name}' ({arm.target}, backend={arm.backend})"
+            + (f" on core {cores[arm.name]}" if arm.name in cores else ""))
+        endpoints[arm.name] = ep = start_arm(arm, store, cores=cores.get(arm.name))
         save_endpoints(store, endpoints)
-        if ep.target == "local":
-            # Local servers share this machine's cores: starting them one after the other is
-            # several times faster than at once (their start-up threads would fight for the CPUs).
+        if ep.target == "local" and not own_core:
             t0 = time.monotonic()
             wait_arm(ep, cfg.server_start_timeout_s)
             started_locally[arm.name] = time.monotonic() - t0

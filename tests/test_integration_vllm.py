@@ -106,7 +106,7 @@ def test_ab_phase_fault_stops_every_endpoint_and_keeps_records(prefect_harness, 
         return await real_send(*args, **kwargs)
 
     monkeypatch.setattr(runner, "send_chat", flaky_send)
-    cfg_path = tiny_config(tmp_path, "it-fault", observe_size=0, size=3, max_tokens=32)
+    cfg_path = tiny_config(tmp_path, "it-fault", observe_size=0, size=3, max_tokens=32, concurrency=1)
     state = experiment(config_path=str(cfg_path), return_state=True)
     assert state.is_failed()
     assert "injected fault" in str(state.message) or "injected fault" in repr(state.result(raise_on_failure=False))

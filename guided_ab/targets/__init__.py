@@ -9,14 +9,15 @@ from ..store import RunStore
 from .base import Endpoint
 
 
-def start_arm(arm: Arm, store: RunStore) -> Endpoint:
-    """Start (or, for external arms, look up) the arm's endpoint. Returns without waiting."""
+def start_arm(arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoint:
+    """Start (or, for external arms, look up) the arm's endpoint. Returns without waiting.
+    `cores` pins a local CPU server's compute threads (see phases.start_endpoints)."""
     if arm.target == "local":
         from . import local
 
         python = local.vllm_python()
         version = local.vllm_version(python)
-        return local.start(arm, store, python=python, model=local.model_path(arm, python), version=version)
+        return local.start(arm, store, python=python, model=local.model_path(arm, python), version=version, cores=cores)
     if arm.target == "modal":
         from . import modal_target
 

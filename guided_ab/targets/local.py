@@ -93,17 +93,19 @@ def _record_path(run_id: str, arm: str) -> Path:
     return _servers_dir() / f"{run_id}--{arm}.json"
 
 
-def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str) -> Endpoint:
-    """Start the arm's server (returns at once; `wait_ready` waits for it)."""
+def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str, cores: str | None = None) -> Endpoint:
+    """Start the arm's server (returns at once; `wait_ready` waits for it).
+
+    cores: CPU ids for a CPU build's compute threads (e.g. "1"); default every core.
+    """
     port = free_port()
     key_ref = new_key_file(store.run_id, arm.name)
     env = {**os.environ, **server_env(arm, resolve_key(key_ref))}
     # CPU builds only (CUDA builds ignore these): a small KV cache per server, since arms share
-    # one machine, and every core for each server. vLLM's own default binds every server to
-    # core 0 and reserves the others, so two arms would fight for one core while one idles;
-    # binding both arms to the same cores keeps them symmetric (no arm gets a "better" core).
+    # one machine, and explicit cores. vLLM's own default binds every server to core 0 and
+    # reserves the others, so two arms would fight for one core while the other idles.
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{max(0, (os.cpu_count() or 1) - 1)}")
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores or f"0-{max(0, (os.cpu_count() or 1) - 1)}")
     # the server imports guided_ab.attribution: make this checkout importable without its deps
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     log_path = store.path("logs", f"{arm.name}.log")
