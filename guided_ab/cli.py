@@ -19,7 +19,9 @@ from .config import ConfigError, DecisionOverrides, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
-out = Console()
+# Off a terminal (CI logs, `| tee`, files) rich assumes 80 columns and folds the summary table
+# into unreadable slivers; a log line can be as wide as the table needs.
+out = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=200)
 
 
 def _fail(err: Exception, code: int = 2) -> None:

@@ -48,6 +48,19 @@ class RequestRecord(BaseModel):
     error: str | None = None
     output: str | None = None
 
+    @classmethod
+    def from_response(cls, raw, outcome: Outcome, error: str | None, **planned) -> "RequestRecord":
+        """The record of one sent request: its planned fields plus what came back.
+
+        `raw` is a client.RawResponse; `backend` comes from the server only, never from the config.
+        """
+        return cls(
+            **planned, sent_at=raw.sent_at, ttft_s=raw.ttft_s, latency_s=raw.latency_s,
+            prompt_tokens=raw.prompt_tokens, completion_tokens=raw.completion_tokens,
+            finish_reason=raw.finish_reason, http_status=raw.http_status, backend=raw.backend,
+            outcome=outcome, error=error, output=raw.text,
+        )
+
 
 RECORD_COLUMNS: list[str] = list(RequestRecord.model_fields)
 

@@ -175,7 +175,8 @@ def summary_table(run_dir: Path) -> Table:
     table = Table(title=f"{run_dir.name}: {VERDICT_TEXT.get(decision['verdict'], decision['verdict'])}")
     cols = ["arm", "backend (configured)", "n", "success rate [95% CI]", "latency p50 s", "latency p95 s", "backend used", "failures"]
     for c in cols:
-        table.add_column(c)
+        # numbers and their intervals never break across lines; the failure list may
+        table.add_column(c, no_wrap=c != "failures")
     for r in rows:
         table.add_row(*(str(r[c]) for c in cols))
     return table

@@ -180,15 +180,12 @@ async def run_plan(
         journal.log_sent(req.request_id)
         raw = await send_chat(http, ep.base_url, body, api_key=keys[req.arm], timeout_s=wl.timeout_s)
         outcome, error = classify(raw, item.json_schema)
-        rec = RequestRecord(
+        rec = RequestRecord.from_response(
+            raw, outcome, error,
             run_id=store.run_id, phase=plan.phase, arm=req.arm, request_id=req.request_id,
             schema_id=req.schema_id, subset=item.subset, order_index=req.order_index,
             pair_index=req.pair_index, warmup=req.warmup, first_for_schema=req.first_for_schema,
-            stream=req.stream, attempt=attempts[req.request_id], sent_at=raw.sent_at,
-            ttft_s=raw.ttft_s, latency_s=raw.latency_s, prompt_tokens=raw.prompt_tokens,
-            completion_tokens=raw.completion_tokens, finish_reason=raw.finish_reason,
-            http_status=raw.http_status, backend=raw.backend,  # from the server only: never assumed from the config
-            outcome=outcome, error=error, output=raw.text,
+            stream=req.stream, attempt=attempts[req.request_id],
         )
         journal.append(rec)
         result.sent_now += 1

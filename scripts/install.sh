@@ -29,7 +29,8 @@ install_orchestrator() {
   echo "[install] .venv: guided-ab[$extras] (Prefect, statistics, Modal SDK) — a few minutes the first time"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
   pipq .venv/bin/python -m pip install -q --upgrade pip
-  pipq .venv/bin/python -m pip install -q -e ".[$extras]"
+  # (setuptools warns at length that an editable install is editable: that is the point)
+  PYTHONWARNINGS=ignore::UserWarning pipq .venv/bin/python -m pip install -q -e ".[$extras]"
   echo "$want" > .venv/.guided-ab-stamp
 }
 

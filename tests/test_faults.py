@@ -85,12 +85,9 @@ EXPECTED = {
 
 def _record(raw, outcome, error):
     """The runner's record for a response: it must build and serialize for any server answer."""
-    rec = RequestRecord(
-        run_id="r", phase="ab", arm="a", request_id="ab-0", schema_id="s", subset="x", order_index=0, pair_index=0,
-        warmup=False, first_for_schema=True, stream=True, attempt=1, sent_at=raw.sent_at, ttft_s=raw.ttft_s,
-        latency_s=raw.latency_s, prompt_tokens=raw.prompt_tokens, completion_tokens=raw.completion_tokens,
-        finish_reason=raw.finish_reason, http_status=raw.http_status, backend=raw.backend, outcome=outcome,
-        error=error, output=raw.text,
+    rec = RequestRecord.from_response(
+        raw, outcome, error, run_id="r", phase="ab", arm="a", request_id="ab-0", schema_id="s", subset="x",
+        order_index=0, pair_index=0, warmup=False, first_for_schema=True, stream=True, attempt=1,
     )
     json.loads(rec.model_dump_json())
     return rec
