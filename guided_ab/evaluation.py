@@ -297,6 +297,10 @@ def evaluate(
             observe["schema_backends"][str(arm)] = {k: c.most_common(1)[0][0] for k, c in sorted(per.items())}
             observe["mixed_schemas"][str(arm)] = sorted(k for k, c in per.items() if len(c) > 1)
 
+    # what each candidate resolved for every schema it was sent (observe and A/B, warm-ups excluded)
+    sent = np.isin(df["phase"], ["observe", "ab"]) & ~df["warmup"]
+    schema_backends = {str(arm): _schema_backends(df.take(sent & (df["arm"] == arm))) for arm in candidates}
+
     # paired comparisons
     comparisons: dict[str, dict] = {}
     family: list[dict] = []
@@ -373,12 +377,27 @@ def evaluate(
         "counts": counts,
         "arms": arms_out,
         "observe": observe,
+        "schema_backends": schema_backends,
         "comparisons": comparisons,
         "multiplicity": {"method": "holm", "family": family},
         "gates": gates,
         "valid": all(g["passed"] for g in gates),
     }
     return S.jsonable(result)
+
+
+def _schema_backends(g: _Cols) -> dict[str, Any]:
+    """{backend: [schemas it was resolved for]} and the schemas resolved to more than one backend."""
+    per: dict[str, set] = {}
+    for sid, be in zip(g["schema_id"].tolist(), g["backend"].tolist()):
+        if be is not None:
+            per.setdefault(str(sid), set()).add(str(be))
+    by_backend: dict[str, list[str]] = {}
+    for sid, bes in sorted(per.items()):
+        for be in bes:
+            by_backend.setdefault(be, []).append(sid)
+    return {"by_backend": dict(sorted(by_backend.items())), "schemas": len(per),
+            "mixed": sorted(k for k, v in per.items() if len(v) > 1)}
 
 
 # -- validity gates --------------------------------------------------------------------------------

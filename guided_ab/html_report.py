@@ -718,15 +718,22 @@ def _backends(ctx: dict) -> str:
                      "resolved": _e(", ".join(f"{k} {v}" for k, v in sorted((o.get("backend_counts") or {}).items())) or "n/a"),
                      "expected": _e(_get(ev, "arms", arm, "backend", "expected")),
                      "expected share [95% CI]": _iv(o.get("backend_share"), "{:.1%}")})
-    per_schema = []
-    for arm, schemas in (_get(ev, "observe", "schema_backends") or {}).items():
-        if isinstance(schemas, dict):
-            per_schema += [{"arm": arm, "schema": s, "backend": b} for s, b in sorted(schemas.items())]
-    mixed = {a: m for a, m in (_get(ev, "observe", "mixed_schemas") or {}).items() if m}
+    per_schema, phases = [], "observe and A/B"
+    for arm, sb in (_get(ev, "schema_backends") or {}).items():  # every schema a candidate was sent
+        per_schema += [{"arm": arm, "schema": sid, "backend": b}
+                       for b, ids in (sb.get("by_backend") or {}).items() for sid in ids]
+    mixed = {a: sb.get("mixed") for a, sb in (_get(ev, "schema_backends") or {}).items() if sb.get("mixed")}
+    if not per_schema:  # evaluations written before schema_backends existed
+        phases = "observe phase"
+        for arm, schemas in (_get(ev, "observe", "schema_backends") or {}).items():
+            if isinstance(schemas, dict):
+                per_schema += [{"arm": arm, "schema": s, "backend": b} for s, b in sorted(schemas.items())]
+        mixed = {a: m for a, m in (_get(ev, "observe", "mixed_schemas") or {}).items() if m}
+    per_schema.sort(key=lambda r: (r["arm"], r["backend"], r["schema"]))
     schema_html = (
         f"<details id=\"schema-backends\" data-testid=\"schema-backends\"><summary>backend per schema "
-        f"(observe phase, {len(per_schema)} schemas)</summary>{_table(per_schema)}</details>"
-        if per_schema else "<p class=\"muted\" id=\"schema-backends\" data-testid=\"schema-backends\">no observe phase</p>"
+        f"({phases}, {len(per_schema)} schemas)</summary>{_table(per_schema)}</details>"
+        if per_schema else "<p class=\"muted\" id=\"schema-backends\" data-testid=\"schema-backends\">no structured requests</p>"
     )
     if mixed:
         schema_html += f"<p class=\"warn-text\">Schemas resolved to more than one backend: <code>{_e(mixed)}</code></p>"

@@ -86,9 +86,17 @@ def observe_section(evaluation: dict) -> str:
     parts = []
     for arm, a in obs.get("arms", {}).items():
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(a.get("backend_counts", {}).items()))
-        parts.append(f"- **{arm}**: {a.get('n')} requests; backends resolved: {counts or 'n/a'}")
+        parts.append(f"- **{arm}** (observe phase): {a.get('n')} requests; backends resolved: {counts or 'n/a'}")
+    for arm, sb in evaluation.get("schema_backends", {}).items():
+        if sb.get("schemas"):
+            parts.append(f"\nBackend `{arm}` resolved, per schema it was sent (observe and A/B, "
+                         "from the server's own resolution):\n")
+            parts.append(_md_table([{"backend": b, "schemas": len(ids), "which": ", ".join(ids)}
+                                    for b, ids in sb.get("by_backend", {}).items()]))
+            if sb.get("mixed"):
+                parts.append(f"Resolved to more than one backend: {', '.join(sb['mixed'])}\n")
     per_schema = obs.get("schema_backends", {})
-    if per_schema:
+    if per_schema and not evaluation.get("schema_backends"):
         parts.append("\nBackend resolved per schema (observe phase, from the server's own resolution):\n")
         rows = []
         for arm, schemas in per_schema.items():
@@ -120,7 +128,7 @@ def render_markdown(cfg: ExperimentConfig, evaluation: dict, decision: dict, run
     lines += [
         "## Arms (A/B phase, warm-ups excluded)",
         _md_table(arm_rows(evaluation)),
-        "## What `auto` chose (observe phase)",
+        "## What the candidates resolved to",
         observe_section(evaluation),
         "## Validity gates",
         _md_table([{"gate": g["name"], "passed": "yes" if g["passed"] else "**NO**", "detail": g.get("detail", "")}

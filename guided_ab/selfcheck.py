@@ -569,7 +569,6 @@ def fault_vllm_killed(sb: Sandbox) -> str:
                               max_tokens=48, stream_share=1.0)
         cand = data["arms"][1]
         cand.update(target="local", model="smollm2-135m", server_args=["--enforce-eager", "--dtype", "float32",
-                                                                        "--kv-cache-memory-bytes", "1G",
                                                                         "--max-model-len", "2048", "--max-num-seqs", "2"])
         del cand["url"], cand["api_key_env"]
         data["server_start_timeout_s"] = 900

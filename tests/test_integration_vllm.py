@@ -83,6 +83,10 @@ def test_small_paired_experiment_through_prefect(prefect_harness, tmp_path):
 
     evaluation = store.read_json("evaluation.json")
     assert evaluation["observe"]["schema_backends"], "per-schema backend of auto reported from data"
+    auto_sent = answered[(answered.arm == "auto") & ~answered.warmup]
+    resolved = evaluation["schema_backends"]["auto"]["by_backend"]
+    assert {(b, s) for b, ids in resolved.items() for s in ids} == set(zip(auto_sent.backend, auto_sent.schema_id))
+    assert "resolved, per schema it was sent" in store.path("report.md").read_text()
     decision = store.read_json("decision.json")
     assert decision["verdict"] == result["decision"]
     assert store.path("report.md").is_file()

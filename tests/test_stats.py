@@ -240,6 +240,15 @@ def test_evaluate_is_plain_json_with_the_documented_keys():
     assert ev["counts"]["ab"]["candidate"] == {"recorded": 122, "warmup": 2, "measured": 120}
     assert ev["observe"]["arms"]["candidate"]["n"] == 6
     assert set(ev["observe"]["schema_backends"]["candidate"].values()) <= {"guidance", "xgrammar"}
+    # every schema the candidate was sent (observe + A/B), grouped by the backend the server reported
+    sb = ev["schema_backends"]["candidate"]
+    sent = df[(df.arm == "candidate") & ~df.warmup & df.phase.isin(["observe", "ab"])
+                   & df.backend.notna()]
+    assert sb["schemas"] == sent.schema_id.nunique()
+    for backend, ids in sb["by_backend"].items():
+        assert set(ids) == set(sent.loc[sent.backend == backend, "schema_id"])
+    assert sb["mixed"] == sorted(k for k, g in sent.groupby("schema_id") if g.backend.nunique() > 1)
+    assert "control" not in ev["schema_backends"]
     comp = ev["comparisons"]["candidate"]
     assert comp["n_pairs"] == 120
     assert comp["latency"]["ratio_p50"]["ci_low"] < comp["latency"]["ratio_p50"]["ci_high"]
