@@ -18,7 +18,7 @@ from .config import ConfigError, DecisionOverrides, ExperimentConfig
 from .plan import Plan, make_plan
 from .runner import PhaseResult, Progress, run_plan
 from .store import RunStore
-from .targets import start_arm, stop_endpoint, wait_arm
+from .targets import prepare_arm, start_arm, stop_endpoint, wait_arm
 from .targets.base import Endpoint
 from .workload import WARMUP_ITEM, WorkItem, load_workload
 
@@ -41,6 +41,7 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
     for arm in cfg.arms:
         if arm.name in endpoints:
             continue  # idempotent re-run of deploy: keep what is already up
+        prepare_arm(arm, log=log)
         log(f"starting arm '{arm.name}' ({arm.target}, backend={arm.backend})"
             + (f" on core {cores[arm.name]}" if arm.name in cores else ""))
         endpoints[arm.name] = ep = start_arm(arm, store, cores=cores.get(arm.name))

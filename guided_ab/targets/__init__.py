@@ -9,6 +9,15 @@ from ..store import RunStore
 from .base import Endpoint
 
 
+def prepare_arm(arm: Arm, log=print) -> None:
+    """What must exist before the arm can start: for a local arm on the embedded model, the
+    converted checkpoint (once per cache directory; about a minute on 2 cores)."""
+    if arm.target == "local":
+        from . import local
+
+        local.model_path(arm, local.vllm_python(), log=log)
+
+
 def start_arm(arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoint:
     """Start (or, for external arms, look up) the arm's endpoint. Returns without waiting.
     `cores` pins a local CPU server's compute threads (see phases.start_endpoints)."""

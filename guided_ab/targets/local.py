@@ -79,8 +79,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def model_path(arm: Arm, python: str) -> str:
-    return str(ensure_embedded_model(python)) if arm.model == EMBEDDED_MODEL else arm.model
+def model_path(arm: Arm, python: str, log=print) -> str:
+    return str(ensure_embedded_model(python, log=log)) if arm.model == EMBEDDED_MODEL else arm.model
 
 
 def _servers_dir() -> Path:
