@@ -290,12 +290,9 @@ def evaluate(
             "backend_share": _backend_share(g["backend"], rule.expected_backend, alpha)["share"],
         }
         if arm in candidates:
-            per: dict[str, Counter] = {}
-            for sid, be in zip(g["schema_id"].tolist(), g["backend"].tolist()):
-                if be is not None:
-                    per.setdefault(str(sid), Counter())[str(be)] += 1
-            observe["schema_backends"][str(arm)] = {k: c.most_common(1)[0][0] for k, c in sorted(per.items())}
-            observe["mixed_schemas"][str(arm)] = sorted(k for k, c in per.items() if len(c) > 1)
+            per = _backends_per_schema(g)
+            observe["schema_backends"][str(arm)] = {k: c.most_common(1)[0][0] for k, c in per.items()}
+            observe["mixed_schemas"][str(arm)] = [k for k, c in per.items() if len(c) > 1]
 
     # what each candidate resolved for every schema it was sent (observe and A/B, warm-ups excluded)
     sent = np.isin(df["phase"], ["observe", "ab"]) & ~df["warmup"]
@@ -386,18 +383,24 @@ def evaluate(
     return S.jsonable(result)
 
 
-def _schema_backends(g: _Cols) -> dict[str, Any]:
-    """{backend: [schemas it was resolved for]} and the schemas resolved to more than one backend."""
-    per: dict[str, set] = {}
+def _backends_per_schema(g: _Cols) -> dict[str, Counter]:
+    """{schema: Counter of the backends the server reported for it}, schemas sorted."""
+    per: dict[str, Counter] = {}
     for sid, be in zip(g["schema_id"].tolist(), g["backend"].tolist()):
         if be is not None:
-            per.setdefault(str(sid), set()).add(str(be))
+            per.setdefault(str(sid), Counter())[str(be)] += 1
+    return dict(sorted(per.items()))
+
+
+def _schema_backends(g: _Cols) -> dict[str, Any]:
+    """{backend: [schemas it was resolved for]} and the schemas resolved to more than one backend."""
+    per = _backends_per_schema(g)
     by_backend: dict[str, list[str]] = {}
-    for sid, bes in sorted(per.items()):
-        for be in bes:
+    for sid, counts in per.items():
+        for be in counts:
             by_backend.setdefault(be, []).append(sid)
     return {"by_backend": dict(sorted(by_backend.items())), "schemas": len(per),
-            "mixed": sorted(k for k, v in per.items() if len(v) > 1)}
+            "mixed": [k for k, c in per.items() if len(c) > 1]}
 
 
 # -- validity gates --------------------------------------------------------------------------------

@@ -58,11 +58,13 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
 
 def wait_endpoints(cfg: ExperimentConfig, store: RunStore, endpoints: dict[str, Endpoint], log: Log = print) -> dict[str, float]:
     waited = {}
+    # local arms that start_endpoints already waited for (one after the other): their start-up time
+    started_before = store.read_json("startup.json", default={})
     for name, ep in endpoints.items():
         deadline = cfg.server_start_timeout_s
         if ep.target == "modal":  # a large model's cold start may exceed the generic deadline
             deadline = max(deadline, cfg.arm(name).modal.startup_timeout_s)
-        waited[name] = wait_arm(ep, deadline) + store.read_json("startup.json", default={"-": 0}).get(name, 0.0)
+        waited[name] = wait_arm(ep, deadline) + started_before.get(name, 0.0)
         log(f"arm '{name}' ready at {ep.base_url} after {waited[name]:.1f} s")
     store.write_json("deploy.json", {"ready_after_s": waited, "at": time.time()})
     return waited

@@ -3,6 +3,7 @@ phases after A/B (evaluate, decide, reports, artifacts, Prefect deployments)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from guided_ab import phases
@@ -35,3 +36,14 @@ def make_finished_run(root: Path, run_id: str = "synthetic-run", *, pairs: int =
         phases.evaluate_run(store)
         phases.decide_run(store)
     return store
+
+
+def writable_record(raw, outcome: str, error: str | None) -> RequestRecord:
+    """The runner's record for one response (fixed planned fields): it must build and serialize
+    to JSON for whatever a server sent."""
+    rec = RequestRecord.from_response(
+        raw, outcome, error, run_id="r", phase="ab", arm="a", request_id="ab-0", schema_id="s", subset="x",
+        order_index=0, pair_index=0, warmup=False, first_for_schema=True, stream=True, attempt=1,
+    )
+    json.loads(rec.model_dump_json())
+    return rec

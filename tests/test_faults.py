@@ -9,7 +9,6 @@ fault server's classes one by one, for both HTTP clients the pipeline accepts.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 
 import httpx
@@ -20,10 +19,10 @@ from guided_ab import selfcheck as sc
 from guided_ab.client import chat_body, new_session, send_chat
 from guided_ab.config import ConfigError
 from guided_ab.fault_server import MODES, FaultServer, minimal_instance, spawn
-from guided_ab.records import RequestRecord
 from guided_ab.validation import classify
 from guided_ab.vllm_args import ATTRIBUTION_HEADER
 from guided_ab.workload import check_schema
+from synthetic_run import writable_record
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -83,16 +82,6 @@ EXPECTED = {
 }
 
 
-def _record(raw, outcome, error):
-    """The runner's record for a response: it must build and serialize for any server answer."""
-    rec = RequestRecord.from_response(
-        raw, outcome, error, run_id="r", phase="ab", arm="a", request_id="ab-0", schema_id="s", subset="x",
-        order_index=0, pair_index=0, warmup=False, first_for_schema=True, stream=True, attempt=1,
-    )
-    json.loads(rec.model_dump_json())
-    return rec
-
-
 async def _each_mode(url: str, key: str, use_httpx: bool) -> list[tuple[str, bool, str, object]]:
     out = []
     client = httpx.AsyncClient() if use_httpx else new_session(4)
@@ -102,7 +91,7 @@ async def _each_mode(url: str, key: str, use_httpx: bool) -> list[tuple[str, boo
                 body = chat_body("m", "p", SCHEMA, name=f"case/fault-{mode}", temperature=0, max_tokens=16, stream=stream)
                 raw = await send_chat(http, url, body, api_key=key, timeout_s=0.8)
                 outcome, error = classify(raw, SCHEMA)
-                _record(raw, outcome, error)
+                writable_record(raw, outcome, error)
                 out.append((mode, stream, outcome, raw))
     return out
 
@@ -211,7 +200,7 @@ def test_wrongly_typed_stream_fields_are_invalid_json_not_a_crash(name):
     state.finish()
     outcome, error = classify(out, SCHEMA)
     assert outcome == "invalid_json" and "malformed stream event" in error
-    _record(out, outcome, error)
+    writable_record(out, outcome, error)
 
 
 @pytest.mark.parametrize("body", [
@@ -227,10 +216,10 @@ def test_wrongly_typed_bodies_are_invalid_json_not_a_crash(body):
     _read_body(body, out)
     outcome, error = classify(out, SCHEMA)
     assert outcome == "invalid_json"
-    _record(out, outcome, error)
+    writable_record(out, outcome, error)
 
 
-def test_a_non_utf8_attribution_header_still_gives_a_writable_record():
+def test_a_non_utf8_attribution_header_still_gives_a_writablewritable_record():
     async def handler(reader, writer):
         await reader.readuntil(b"\r\n\r\n")
         body = b'{"choices": [{"message": {"content": "{\\"name\\": \\"ab\\", \\"age\\": 3}"}, "finish_reason": "stop"}]}'
@@ -251,4 +240,4 @@ def test_a_non_utf8_attribution_header_still_gives_a_writable_record():
     raw = asyncio.run(go())
     outcome, error = classify(raw, SCHEMA)
     assert outcome == "success" and raw.backend == "gu?id"
-    _record(raw, outcome, error)
+    writable_record(raw, outcome, error)

@@ -19,10 +19,11 @@ from hypothesis import strategies as st
 from guided_ab import stats
 from guided_ab.client import RawResponse, _read_body, _StreamState
 from guided_ab.plan import make_plan
-from guided_ab.records import OUTCOMES, RequestRecord
+from guided_ab.records import OUTCOMES
 from guided_ab.selfcheck import SCHEMAS
 from guided_ab.validation import classify
 from guided_ab.workload import WorkItem
+from synthetic_run import writable_record
 
 pytestmark = pytest.mark.timeout(120)
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -40,15 +41,6 @@ texts = st.one_of(
     st.sampled_from(['{"name": "ab", "age": 3}', '{"name": "ab"}', "[" * 3000, '{"a": ' * 3000, "\ud800", "null"]),
 )
 schemas = st.sampled_from([*SCHEMAS.values(), {}, {"type": "string"}, True])
-
-
-def _record(raw: RawResponse, outcome: str, error: str | None) -> RequestRecord:
-    rec = RequestRecord.from_response(
-        raw, outcome, error, run_id="r", phase="ab", arm="a", request_id="ab-0", schema_id="s", subset="x",
-        order_index=0, pair_index=0, warmup=False, first_for_schema=True, stream=True, attempt=1,
-    )
-    rec.model_dump_json()
-    return rec
 
 
 # -- classification --------------------------------------------------------------------------------
@@ -106,7 +98,7 @@ sse_events = st.one_of(
 
 @FAST
 @given(lines=st.lists(sse_events, max_size=6), schema=schemas)
-def test_any_event_stream_gives_one_class_and_a_writable_record(lines, schema):
+def test_any_event_stream_gives_one_class_and_a_writablewritable_record(lines, schema):
     out = RawResponse(sent_at=0.0, http_status=200)
     state = _StreamState(out)
     for i, line in enumerate(lines):
@@ -115,7 +107,7 @@ def test_any_event_stream_gives_one_class_and_a_writable_record(lines, schema):
     state.finish()
     outcome, error = classify(out, schema if isinstance(schema, dict) else {})
     assert outcome in OUTCOMES
-    _record(out, outcome, error)
+    writable_record(out, outcome, error)
 
 
 bodies = st.one_of(
@@ -133,12 +125,12 @@ bodies = st.one_of(
 
 @FAST
 @given(body=bodies, schema=schemas)
-def test_any_http_200_body_gives_one_class_and_a_writable_record(body, schema):
+def test_any_http_200_body_gives_one_class_and_a_writablewritable_record(body, schema):
     out = RawResponse(sent_at=0.0, http_status=200)
     _read_body(body, out)
     outcome, error = classify(out, schema if isinstance(schema, dict) else {})
     assert outcome in OUTCOMES
-    _record(out, outcome, error)
+    writable_record(out, outcome, error)
 
 
 # -- statistics: every interval contains its estimate ----------------------------------------------
