@@ -152,8 +152,8 @@ def run_install() -> Span:
 
 def run_model() -> Span:
     sys.path.insert(0, str(REPO))
-    from guided_ab.local_model import cache_dir, ensure_embedded_model, is_ready
-    from guided_ab.targets.local import vllm_python
+    from guided_ab.arms.local_model import cache_dir, ensure_embedded_model, is_ready
+    from guided_ab.arms.local import vllm_python
 
     cached = is_ready(cache_dir())
     t0 = time.time()

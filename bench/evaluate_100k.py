@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_ab.decision import decide  # noqa: E402
-from guided_ab.evaluation import evaluate  # noqa: E402
-from guided_ab.simulate import planned_counts, synthetic_config, synthetic_records  # noqa: E402
+from guided_ab.analysis.decision import decide  # noqa: E402
+from guided_ab.analysis.evaluation import evaluate  # noqa: E402
+from guided_ab.analysis.simulate import planned_counts, synthetic_config, synthetic_records  # noqa: E402
 
 
 def main() -> None:

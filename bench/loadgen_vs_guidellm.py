@@ -12,7 +12,7 @@ are compared with the server's, request by request (matched by completion id):
     c64          64 streams, 20 tokens, no delay       (the client is the bottleneck)
     poisson      Poisson arrivals at --poisson-rate req/s, 20 tokens x 5 ms
 
-Ours is guided_ab.runner.run_plan (the product's request path: plan, client, validation,
+Ours is guided_ab.load.runner.run_plan (the product's request path: plan, client, validation,
 journal), one process per scenario (bench/ours_worker.py). guidellm runs from its own
 virtualenv (.venv-guidellm, installed here if missing: CPU torch from the machine's wheel, then
 guidellm) with a byte-level tokenizer built locally (it never downloads one); its concurrent

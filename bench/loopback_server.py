@@ -49,7 +49,7 @@ try:  # the fast path of a benchmark server: orjson when the interpreter has it
 except ImportError:  # pragma: no cover
     _fast_loads = _fast_dumps = None
 
-ATTRIBUTION_HEADER = b"x-guided-ab-backend"  # what guided_ab.client reads as the resolved backend
+ATTRIBUTION_HEADER = b"x-guided-ab-backend"  # what guided_ab.load.client reads as the resolved backend
 MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 16 * 1024 * 1024
 

@@ -1,4 +1,4 @@
-"""Run our load generator (guided_ab.runner.run_plan, the product's request path) once, in its own
+"""Run our load generator (guided_ab.load.runner.run_plan, the product's request path) once, in its own
 process, against an OpenAI-compatible endpoint, and write what it recorded as JSON.
 
 Used by bench/loadgen_vs_guidellm.py (one process per scenario, so its CPU is measured alone);
@@ -43,9 +43,9 @@ def _memory(n: int, out: Path) -> None:
     from guided_ab.config import Workload
     from guided_ab.plan import make_plan
     from guided_ab.records import RequestRecord
-    from guided_ab.runner import run_plan
+    from guided_ab.load.runner import run_plan
     from guided_ab.store import RunStore
-    from guided_ab.targets.base import Endpoint
+    from guided_ab.arms.base import Endpoint
     from guided_ab.workload import WorkItem
 
     root = tempfile.mkdtemp(prefix="guided-ab-memory-")
@@ -123,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     import guided_ab
     from guided_ab.config import Workload
     from guided_ab.plan import make_plan
-    from guided_ab.runner import run_plan
+    from guided_ab.load.runner import run_plan
     from guided_ab.store import RunStore
-    from guided_ab.targets.base import Endpoint
+    from guided_ab.arms.base import Endpoint
     from guided_ab.workload import WorkItem
 
     schema = {"type": "object"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from guided_ab.reaper import reap_everything
+from guided_ab.arms.reaper import reap_everything
 
 
 @flow(name="reaper", log_prints=True)

@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .config import ConfigError, DecisionOverrides, load_config
+from guided_ab.config import ConfigError, DecisionOverrides, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -46,8 +46,8 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimated cost; start nothing"),
 ) -> None:
     """Run a whole experiment (deploy, observe, A/B, teardown, evaluate, decide) through Prefect."""
-    from .phases import workload_items
-    from .store import check_run_id
+    from guided_ab.phases import workload_items
+    from guided_ab.store import check_run_id
 
     try:
         cfg = load_config(config)
@@ -57,7 +57,7 @@ def run(
     except ConfigError as err:
         _fail(err)
     if dry_run:
-        from .dry_run import describe_plan
+        from guided_ab.dry_run import describe_plan
 
         out.print(describe_plan(cfg), highlight=False, soft_wrap=True)
         return
@@ -79,7 +79,7 @@ def run(
 
 
 def _print_summary(run_dir: Path) -> None:
-    from .report import summary_table
+    from guided_ab.reports.markdown import summary_table
 
     try:
         out.print(summary_table(run_dir))
@@ -100,8 +100,8 @@ def evaluate(
     bootstrap_resamples: Optional[int] = typer.Option(None),
 ) -> None:
     """Re-evaluate and re-decide a finished run offline (no endpoint is touched)."""
-    from . import phases
-    from .store import RunStore
+    from guided_ab import phases
+    from guided_ab.store import RunStore
 
     try:
         overrides = DecisionOverrides(
@@ -120,7 +120,7 @@ def evaluate(
 
 def _phase_command(name: str, flow_path: str, doc: str):
     def command(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
-        from .store import RunStore
+        from guided_ab.store import RunStore
 
         try:
             RunStore.open(store, run_id)
@@ -152,8 +152,8 @@ _phase_command("decide-teardown", "flows.decide_teardown.decide_teardown", "Phas
 @app.command()
 def teardown(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
     """Stop every endpoint a run started (no Prefect needed)."""
-    from . import phases
-    from .store import RunStore
+    from guided_ab import phases
+    from guided_ab.store import RunStore
 
     try:
         rs = RunStore.open(store, run_id)
@@ -174,10 +174,10 @@ def reap(
     force: bool = typer.Option(False, "--force", help="also stop servers of experiments that are still running"),
 ) -> None:
     """Stop local vLLM servers left behind by crashed runs, and (with --modal-prefix) old Modal apps."""
-    from .reaper import reap_everything
+    from guided_ab.arms.reaper import reap_everything
 
     if dry_run:
-        from .targets import local
+        from guided_ab.arms import local
 
         for rec in local.leftovers():
             out.print(rec)
@@ -189,7 +189,7 @@ def reap(
 @app.command()
 def runs(store: str = STORE_OPT) -> None:
     """List past runs with their decision and key metrics."""
-    from .report import runs_table
+    from guided_ab.reports.markdown import runs_table
 
     out.print(runs_table(store))
 
@@ -202,7 +202,7 @@ def report(
     html_only: bool = typer.Option(False, "--html", help="print only the path of report.html"),
 ) -> None:
     """Print a run's report (decision, criteria, arms) and where its HTML report is; --open opens it."""
-    from .store import RunStore, list_runs
+    from guided_ab.store import RunStore, list_runs
 
     if run_id == "latest":
         found = list_runs(store)
@@ -217,7 +217,7 @@ def report(
         _fail(f"run {run_id} has no decision yet: run `guided-ab evaluate --run-id {run_id} --store {store}` first")
     html = rs.path("report.html")
     if not html.is_file() or not rs.has("report.md"):  # a run decided before the HTML report existed
-        from .report import write_reports
+        from guided_ab.reports.markdown import write_reports
 
         try:
             with console.status("writing the report ..."):
@@ -242,7 +242,7 @@ def report(
 @app.command()
 def simulate(experiments: int = typer.Option(400, "--experiments"), seed: int = 0, pairs: int = 200) -> None:
     """Run synthetic experiments with known truth: interval coverage and decision error rates."""
-    from .simulate import simulate as run_sim
+    from guided_ab.analysis.simulate import simulate as run_sim
 
     res = run_sim(experiments, seed=seed, pairs=pairs)
     for k, v in res.items():
@@ -260,7 +260,7 @@ def selfcheck(
     only: Optional[list[str]] = typer.Option(None, "--only", help="run only these scenarios (repeatable)"),
 ) -> None:
     """Run the fault and bad-input scenarios against a loopback fault server; exit 0 only if all held."""
-    from .selfcheck import selfcheck as run_selfcheck
+    from guided_ab.selfcheck.scenarios import selfcheck as run_selfcheck
 
     code = run_selfcheck(with_vllm=with_vllm, with_prefect=with_prefect, keep=keep, workdir=workdir, only_names=only,
                          echo=lambda line: print(line, flush=True))

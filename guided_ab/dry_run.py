@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .config import Arm, ExperimentConfig
-from .targets import modal_target
+from guided_ab.config import Arm, ExperimentConfig
+from guided_ab.arms import modal as modal_target
 
 SEED_LATENCY_S = 14.0  # the seed's average end-to-end latency per structured request
 MODAL_STARTUP_S = 600.0  # assumed cold start of a Modal arm: container, weights from the Volume, vLLM load
@@ -107,7 +107,7 @@ def plan_experiment(
 ) -> ExperimentPlan:
     """Per arm: where it runs, how many requests it gets, how long it is held and what it costs."""
     if run_id is None:
-        from .store import new_run_id
+        from guided_ab.store import new_run_id
 
         run_id = new_run_id(cfg.name)
     wl = cfg.workload

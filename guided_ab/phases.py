@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .config import ConfigError, DecisionOverrides, ExperimentConfig
-from .plan import Plan, make_plan
-from .runner import PhaseResult, Progress, run_plan
-from .store import RunStore
-from .targets import prepare_arm, start_arm, stop_endpoint, wait_arm
-from .targets.base import Endpoint
-from .workload import WARMUP_ITEM, WorkItem, load_workload
+from guided_ab.config import ConfigError, DecisionOverrides, ExperimentConfig
+from guided_ab.plan import Plan, make_plan
+from guided_ab.load.runner import PhaseResult, Progress, run_plan
+from guided_ab.store import RunStore
+from guided_ab.arms.targets import prepare_arm, start_arm, stop_endpoint, wait_arm
+from guided_ab.arms.base import Endpoint
+from guided_ab.workload import WARMUP_ITEM, WorkItem, load_workload
 
 Log = Callable[[str], None]
 
@@ -200,7 +200,7 @@ def _rule_config(store: RunStore, overrides: DecisionOverrides | None) -> Experi
 
 def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) -> dict:
     """evaluation.json from the stored records; touches no endpoint."""
-    from .evaluation import evaluate
+    from guided_ab.analysis.evaluation import evaluate
 
     cfg = _rule_config(store, overrides)
     endpoints = {k: v.model_dump() for k, v in load_endpoints(store, missing_ok=True).items()}
@@ -215,8 +215,8 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
 
 def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> dict:
     """decision.json and report.md from evaluation.json and the (possibly overridden) rule."""
-    from .decision import decide
-    from .report import write_reports
+    from guided_ab.analysis.decision import decide
+    from guided_ab.reports.markdown import write_reports
 
     cfg = _rule_config(store, overrides)
     evaluation = store.read_json("evaluation.json")

@@ -12,7 +12,7 @@ import random
 
 from pydantic import BaseModel, ConfigDict
 
-from .workload import WorkItem
+from guided_ab.workload import WorkItem
 
 
 class PlannedRequest(BaseModel):

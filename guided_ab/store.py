@@ -25,8 +25,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .config import ConfigError, ExperimentConfig, parse_config
-from .records import RequestRecord, records_frame
+from guided_ab.config import ConfigError, ExperimentConfig, parse_config
+from guided_ab.records import RequestRecord, records_frame
 
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 

@@ -19,7 +19,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict
 
-from .config import ConfigError, Workload
+from guided_ab.config import ConfigError, Workload
 
 BUILTIN_SUITES = ("functions",)
 

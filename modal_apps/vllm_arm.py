@@ -1,12 +1,12 @@
 """One arm of an experiment as a Modal app: vLLM's OpenAI-compatible server on GPUs.
 
-The pipeline deploys one app per arm and run from code (guided_ab.targets.modal_target):
+The pipeline deploys one app per arm and run from code (guided_ab.arms.modal):
 it builds `build_app(ArmSpec(arm, app_name))` and deploys it under `app_name`. The arm
 (backend, model, revision, max model length, GPU type/count = tensor parallel size, extra vLLM
 arguments) is baked into the image's environment as JSON (`GUIDED_AB_ARM`), so the container,
 which imports this module again, rebuilds the same app and starts the same server command.
 
-The server command comes from guided_ab.vllm_args.server_args / server_env, the builder the
+The server command comes from guided_ab.arms.vllm_args.server_args / server_env, the builder the
 local target uses too, so an arm's vLLM flags are the same on both targets; the container adds
 only what is Modal-specific (`modal_extra_args`: revision, max model length, tensor parallel).
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import modal
 
 from guided_ab.config import Arm, ModalSettings
-from guided_ab.vllm_args import SERVER_MODULE, server_args, server_env
+from guided_ab.arms.vllm_args import SERVER_MODULE, server_args, server_env
 
 # The official CUDA build of vLLM, pinned: results are only comparable within one version.
 VLLM_VERSION = "0.32.0"
@@ -132,7 +132,7 @@ def container_command(arm: Arm, python: str | None = None) -> list[str]:
 
 def container_env(arm: Arm, environ: Mapping[str, str]) -> dict[str, str]:
     """The server's environment: the container's, the key from the modal.Secret, and PYTHONPATH
-    so that `--middleware guided_ab.attribution...` imports in the server process."""
+    so that `--middleware guided_ab.in_server.attribution...` imports in the server process."""
     api_key = environ.get("VLLM_API_KEY")
     if not api_key:
         raise RuntimeError(

@@ -6,7 +6,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact
 from prefect.tasks import exponential_backoff
 
-from guided_ab import console_progress, phases
+from guided_ab import phases
+
+from guided_ab.load import progress as console_progress
 from guided_ab.config import ExperimentConfig
 from guided_ab.store import RunStore
 

@@ -11,9 +11,11 @@ from collections import Counter
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from guided_ab import console_progress, phases
+from guided_ab import phases
+
+from guided_ab.load import progress as console_progress
 from guided_ab.config import ExperimentConfig
-from guided_ab.runner import PhaseResult
+from guided_ab.load.runner import PhaseResult
 from guided_ab.store import RunStore
 
 from .retry import retry_if_transient

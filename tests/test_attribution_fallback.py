@@ -10,7 +10,7 @@ import types
 
 import pytest
 
-from guided_ab import attribution
+from guided_ab.in_server import attribution
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from guided_ab.canary import run_canary
-from guided_ab.fault_server import FaultServer
+from guided_ab.selfcheck.fault_server import FaultServer
 from synthetic_run import make_finished_run
 
 KEY = "canary-test-key-0123456789"

@@ -1,7 +1,7 @@
-"""Faults survived and bad inputs refused, on loopback only (guided_ab.fault_server).
+"""Faults survived and bad inputs refused, on loopback only (guided_ab.selfcheck.fault_server).
 
 Each selfcheck scenario runs here as one test through the real pipeline code (see
-guided_ab/selfcheck.py for what each checks: exactly one record per planned request, the right
+guided_ab/selfcheck/scenarios.py for what each checks: exactly one record per planned request, the right
 outcome class per arm, a resumable phase, endpoints torn down). The tests below them pin the
 fault server's classes one by one, for both HTTP clients the pipeline accepts.
 """
@@ -15,12 +15,12 @@ import httpx
 import pytest
 from jsonschema import Draft202012Validator
 
-from guided_ab import selfcheck as sc
-from guided_ab.client import chat_body, new_session, send_chat
+from guided_ab.selfcheck import scenarios as sc
+from guided_ab.load.client import chat_body, new_session, send_chat
 from guided_ab.config import ConfigError
-from guided_ab.fault_server import MODES, FaultServer, minimal_instance, spawn
-from guided_ab.validation import classify
-from guided_ab.vllm_args import ATTRIBUTION_HEADER
+from guided_ab.selfcheck.fault_server import MODES, FaultServer, minimal_instance, spawn
+from guided_ab.load.classify import classify
+from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER
 from guided_ab.workload import check_schema
 from synthetic_run import writable_record
 
@@ -144,7 +144,7 @@ def test_spawned_server_dies_on_sigkill_and_keeps_its_key_off_the_command_line()
 
 
 def test_attribution_header_name_matches_the_pipeline():
-    from guided_ab import fault_server
+    from guided_ab.selfcheck import fault_server
 
     assert fault_server.ATTRIBUTION_HEADER == ATTRIBUTION_HEADER
 
@@ -173,7 +173,7 @@ def test_deep_schema_in_memory_is_a_config_error_not_a_recursion_error():
 
 
 def test_deeply_nested_answer_is_invalid_json_not_a_crash():
-    from guided_ab.client import RawResponse
+    from guided_ab.load.client import RawResponse
 
     raw = RawResponse(sent_at=0.0, http_status=200, finish_reason="stop", text="[" * 100_000)
     assert classify(raw, SCHEMA)[0] == "invalid_json"
@@ -190,7 +190,7 @@ GARBAGE_STREAMS = {
 
 @pytest.mark.parametrize("name", sorted(GARBAGE_STREAMS))
 def test_wrongly_typed_stream_fields_are_invalid_json_not_a_crash(name):
-    from guided_ab.client import RawResponse, _StreamState
+    from guided_ab.load.client import RawResponse, _StreamState
 
     out = RawResponse(sent_at=0.0, http_status=200)
     state = _StreamState(out)
@@ -210,7 +210,7 @@ def test_wrongly_typed_stream_fields_are_invalid_json_not_a_crash(name):
     b'{"choices": [{"message": {"content": "{}"}}], "usage": [1]}',
 ])
 def test_wrongly_typed_bodies_are_invalid_json_not_a_crash(body):
-    from guided_ab.client import RawResponse, _read_body
+    from guided_ab.load.client import RawResponse, _read_body
 
     out = RawResponse(sent_at=0.0, http_status=200)
     _read_body(body, out)

@@ -14,7 +14,7 @@ import yaml
 
 from guided_ab.records import OUTCOMES
 from guided_ab.store import RunStore
-from guided_ab.targets import local
+from guided_ab.arms import local
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]
@@ -97,7 +97,7 @@ def test_small_paired_experiment_through_prefect(prefect_harness, tmp_path):
 
 def test_ab_phase_fault_stops_every_endpoint_and_keeps_records(prefect_harness, tmp_path, monkeypatch):
     """An injected fault in the A/B phase: flow Failed with the message, servers gone, records kept."""
-    import guided_ab.runner as runner
+    import guided_ab.load.runner as runner
     from flows.experiment import experiment
 
     real_send = runner.send_chat

@@ -1,5 +1,5 @@
 """Smoke test of the load path on loopback: bench/loopback_server.py and our load generator
-(guided_ab.runner.run_plan + guided_ab.client) at small scale. Complete records, exactly once,
+(guided_ab.load.runner.run_plan + guided_ab.load.client) at small scale. Complete records, exactly once,
 resumable, and TTFT / latency close to the server's own timings. The full comparison with
 guidellm is bench/loadgen_vs_guidellm.py (docs/performance.md)."""
 
@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from guided_ab.client import RawResponse, _StreamState
+from guided_ab.load.client import RawResponse, _StreamState
 from guided_ab.config import Workload
 from guided_ab.plan import make_plan
-from guided_ab.runner import run_plan
+from guided_ab.load.runner import run_plan
 from guided_ab.store import RunStore
-from guided_ab.targets.base import Endpoint
+from guided_ab.arms.base import Endpoint
 from guided_ab.workload import WorkItem
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,9 +22,10 @@ import pytest
 
 from guided_ab.config import Arm, ConfigError, ExperimentConfig, ModalSettings, load_config
 from guided_ab.store import RunStore
-from guided_ab.targets import modal_target, start_arm, stop_endpoint, wait_arm
-from guided_ab.targets.base import Endpoint
-from guided_ab.vllm_args import ATTRIBUTION_MIDDLEWARE, SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
+from guided_ab.arms import modal as modal_target
+from guided_ab.arms.targets import start_arm, stop_endpoint, wait_arm
+from guided_ab.arms.base import Endpoint
+from guided_ab.arms.vllm_args import ATTRIBUTION_MIDDLEWARE, SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "auto-vs-guidance.yaml"
@@ -244,7 +245,7 @@ def _normalized(cmd: list[str], extra: list[str]) -> list[str]:
 def test_vllm_arguments_are_identical_for_local_and_modal(backend, tmp_path, monkeypatch):
     """The local target's real start code (its process spawn captured) and the Modal container
     build the same vLLM arguments for the same arm; only host/port and Modal's own flags differ."""
-    from guided_ab.targets import local
+    from guided_ab.arms import local
     from modal_apps import vllm_arm
 
     spawned = {}

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from guided_ab import stats
-from guided_ab.client import RawResponse, _read_body, _StreamState
+from guided_ab.analysis import stats
+from guided_ab.load.client import RawResponse, _read_body, _StreamState
 from guided_ab.plan import make_plan
 from guided_ab.records import OUTCOMES
-from guided_ab.selfcheck import SCHEMAS
-from guided_ab.validation import classify
+from guided_ab.selfcheck.scenarios import SCHEMAS
+from guided_ab.load.classify import classify
 from guided_ab.workload import WorkItem
 from synthetic_run import writable_record
 

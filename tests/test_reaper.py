@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from guided_ab.targets import local
+from guided_ab.arms import local
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_reaper_flow_stops_an_orphaned_local_server(prefect_harness, tmp_path):
         import os
         from guided_ab.config import parse_config
         from guided_ab.store import RunStore
-        from guided_ab.targets import local
+        from guided_ab.arms import local
         cfg = parse_config({{"name": "orphan", "store": {str(tmp_path / "runs")!r}, "arms": [
             {{"name": "a", "role": "control", "backend": "xgrammar"}},
             {{"name": "b", "role": "candidate", "backend": "auto"}}]}})

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from guided_ab import phases
 from guided_ab.config import parse_config
-from guided_ab.fault_server import FaultServer
+from guided_ab.selfcheck.fault_server import FaultServer
 from guided_ab.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]

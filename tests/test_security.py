@@ -23,9 +23,9 @@ import httpx
 import pytest
 
 from guided_ab import phases
-from guided_ab import selfcheck as sc
+from guided_ab.selfcheck import scenarios as sc
 from guided_ab.config import parse_config
-from guided_ab.fault_server import FaultServer
+from guided_ab.selfcheck.fault_server import FaultServer
 from guided_ab.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_every_v1_endpoint_refuses_requests_without_the_right_key(method, path):
 
 def test_local_servers_get_a_fresh_key_in_the_environment_only(tmp_path, monkeypatch):
     """targets.local.start: VLLM_API_KEY in the server's environment, never in argv or the run store."""
-    from guided_ab.targets import local
+    from guided_ab.arms import local
 
     started = []
 
@@ -226,5 +226,5 @@ def test_the_ast_check_catches_string_commands():
 
 def test_the_searched_tree_holds_the_code_that_starts_processes():
     files = {str(f.relative_to(REPO)) for f in _python_files()}
-    assert {"guided_ab/targets/local.py", "guided_ab/fault_server.py", "modal_apps/vllm_arm.py"} <= files
+    assert {"guided_ab/arms/local.py", "guided_ab/selfcheck/fault_server.py", "modal_apps/vllm_arm.py"} <= files
     assert any(f.startswith("flows/") for f in files) and any(f.startswith("tasks/") for f in files)

@@ -13,10 +13,10 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import NormalIndPower
 
-from guided_ab import stats as S
-from guided_ab.evaluation import evaluate
+from guided_ab.analysis import stats as S
+from guided_ab.analysis.evaluation import evaluate
 from guided_ab.records import OUTCOMES, records_frame
-from guided_ab.simulate import planned_counts, synthetic_config, synthetic_records
+from guided_ab.analysis.simulate import planned_counts, synthetic_config, synthetic_records
 
 
 # -- textbook values -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 
-from guided_ab.client import RawResponse
-from guided_ab.validation import classify
+from guided_ab.load.client import RawResponse
+from guided_ab.load.classify import classify
 
 SCHEMA = {
     "type": "object",
@@ -47,7 +47,7 @@ def test_rejection_keeps_the_server_message():
 
 
 def test_vllm_stream_error_event_is_classified_by_its_code():
-    from guided_ab.client import stream_error
+    from guided_ab.load.client import stream_error
 
     assert stream_error({"message": "Grammar error: Unimplemented keys", "code": 400})[0] == "rejected"
     assert stream_error({"message": "engine dead", "code": 503})[0] == "server_error"

@@ -36,7 +36,7 @@ mkdir -p "$R/../shared" && ln -sfn "$G/jsonschemabench" "$R/../shared/jsonschema
 
 # The server's Python: the image's python3 (torch 2.11 cu130) + the vLLM site, without the
 # orchestrator's site (vLLM pins fastapi<0.137, Prefect 3.9 needs >=0.139). local.py prepends
-# the repo root to PYTHONPATH (for guided_ab.attribution); that stays.
+# the repo root to PYTHONPATH (for guided_ab.in_server.attribution); that stays.
 cat > "$G/vpython" <<EOF
 #!/bin/sh
 PP=\$(printf %s "\${PYTHONPATH:-}" | tr ':' '\n' | grep -vx "$G/osite" | paste -sd: -)
@@ -63,7 +63,7 @@ stamp "imports checked"
 python3 -m pip list --format=freeze > "$O/pip-freeze.txt" 2>/dev/null
 
 # the embedded model, converted by the product's own code with the server Python (timed apart)
-python3 -c "from guided_ab.local_model import ensure_embedded_model; print(ensure_embedded_model('$G/vpython'))" 2>&1 | tail -3
+python3 -c "from guided_ab.arms.local_model import ensure_embedded_model; print(ensure_embedded_model('$G/vpython'))" 2>&1 | tail -3
 stamp "model ready"
 
 stamp "guided-ab run $CONFIG"

@@ -2,8 +2,8 @@
 
 Streaming requests give time to first token (TTFT); every request gets an end-to-end latency,
 token counts, finish_reason and the backend the server resolved (response header set by
-guided_ab.attribution inside the vLLM process). Nothing here raises for a bad answer: every
-outcome comes back as a RawResponse, to be classified by guided_ab.validation.
+guided_ab.in_server.attribution inside the vLLM process). Nothing here raises for a bad answer: every
+outcome comes back as a RawResponse, to be classified by guided_ab.load.classify.
 
 The clock: both times start when the request goes out (an aiohttp trace hook right before the
 body, with the headers buffered with it, is written to the connection; like guidellm, so waiting
@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import httpx
 
-from .vllm_args import ATTRIBUTION_HEADER
+from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER
 
 try:  # ~5x faster than json for the many small SSE events of a stream
     import orjson

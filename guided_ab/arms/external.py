@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from .base import Endpoint, resolve_key
+from guided_ab.arms.base import Endpoint, resolve_key
 
 
 def wait_ready(ep: Endpoint, deadline_s: float, *, poll_s: float = 2.0) -> float:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import time
 
-from ..config import Arm
-from ..store import RunStore
-from .base import Endpoint
+from guided_ab.config import Arm
+from guided_ab.store import RunStore
+from guided_ab.arms.base import Endpoint
 
 
 def prepare_arm(arm: Arm, log=print) -> None:
     """What must exist before the arm can start: for a local arm on the embedded model, the
     converted checkpoint (once per cache directory; about a minute on 2 cores)."""
     if arm.target == "local":
-        from . import local
+        from guided_ab.arms import local
 
         local.model_path(arm, local.vllm_python(), log=log)
 
@@ -22,13 +22,13 @@ def start_arm(arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoin
     """Start (or, for external arms, look up) the arm's endpoint. Returns without waiting.
     `cores` pins a local CPU server's compute threads (see phases.start_endpoints)."""
     if arm.target == "local":
-        from . import local
+        from guided_ab.arms import local
 
         python = local.vllm_python()
         version = local.vllm_version(python)
         return local.start(arm, store, python=python, model=local.model_path(arm, python), version=version, cores=cores)
     if arm.target == "modal":
-        from . import modal_target
+        from guided_ab.arms import modal as modal_target
 
         return modal_target.deploy(arm, store)
     return Endpoint(
@@ -41,14 +41,14 @@ def start_arm(arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoin
 def wait_arm(ep: Endpoint, deadline_s: float) -> float:
     """Wait until the endpoint answers; seconds waited."""
     if ep.target == "local":
-        from . import local
+        from guided_ab.arms import local
 
         return local.wait_ready(ep, deadline_s)
     if ep.target == "modal":
-        from . import modal_target
+        from guided_ab.arms import modal as modal_target
 
         return modal_target.wait_ready(ep, deadline_s)
-    from .external import wait_ready
+    from guided_ab.arms.external import wait_ready
 
     return wait_ready(ep, deadline_s)
 
@@ -57,11 +57,11 @@ def stop_endpoint(ep: Endpoint) -> dict:
     """Stop what this run started (external endpoints are never stopped). Returns a teardown entry."""
     stopped = False
     if ep.target == "local":
-        from . import local
+        from guided_ab.arms import local
 
         stopped = local.stop(ep)
     elif ep.target == "modal":
-        from . import modal_target
+        from guided_ab.arms import modal as modal_target
 
         stopped = modal_target.stop(ep)
     now = time.time()

@@ -9,8 +9,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from .client import RawResponse
-from .records import Outcome
+from guided_ab.load.client import RawResponse
+from guided_ab.records import Outcome
 
 _FORMATS = Draft202012Validator.FORMAT_CHECKER
 

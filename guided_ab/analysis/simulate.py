@@ -24,10 +24,10 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from .config import Arm, DecisionRule, ExperimentConfig
-from .decision import decide
-from .evaluation import evaluate
-from .records import RECORD_COLUMNS
+from guided_ab.config import Arm, DecisionRule, ExperimentConfig
+from guided_ab.analysis.decision import decide
+from guided_ab.analysis.evaluation import evaluate
+from guided_ab.records import RECORD_COLUMNS
 
 # how failed requests fail (shares); all but timeout return an answer with a latency
 FAILURE_MIX = {"schema_violation": 0.5, "truncated": 0.2, "invalid_json": 0.15, "timeout": 0.1, "server_error": 0.05}

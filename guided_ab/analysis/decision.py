@@ -36,8 +36,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import stats as S
-from .config import DecisionRule
+from guided_ab.analysis import stats as S
+from guided_ab.config import DecisionRule
 
 VERDICTS = ("switch", "keep", "inconclusive", "invalid")
 

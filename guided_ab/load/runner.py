@@ -13,7 +13,7 @@ at most one at a time and covering every line written before it (group commit), 
 when the phase ends. An fsync per line on the event loop (~1 ms each here) would stall every
 other stream's clock and cap the request rate.
 
-Load: `wl.concurrency` workers share one pooled HTTP session (guided_ab.client.new_session) and
+Load: `wl.concurrency` workers share one pooled HTTP session (guided_ab.load.client.new_session) and
 take requests in planned order; with `arrivals` (seconds from the start, one per pending
 request, e.g. Poisson) a worker also waits for its request's arrival time (open loop, capped at
 `wl.concurrency` in flight).
@@ -27,13 +27,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .client import chat_body, new_session, send_chat
-from .config import Workload
-from .plan import Plan, PlannedRequest
-from .records import RequestRecord
-from .store import RunStore
-from .targets.base import Endpoint, resolve_key
-from .validation import classify
+from guided_ab.load.client import chat_body, new_session, send_chat
+from guided_ab.config import Workload
+from guided_ab.plan import Plan, PlannedRequest
+from guided_ab.records import RequestRecord
+from guided_ab.store import RunStore
+from guided_ab.arms.base import Endpoint, resolve_key
+from guided_ab.load.classify import classify
 
 Progress = Callable[[int, int, Counter], None]
 

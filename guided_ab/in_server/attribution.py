@@ -1,7 +1,7 @@
 """Which structured-output backend did the server resolve for this request? (runs inside vLLM)
 
 vLLM exposes no per-request backend signal, so this ASGI middleware, loaded into the server with
-`--middleware guided_ab.attribution.BackendAttributionMiddleware`, repeats vLLM's own backend
+`--middleware guided_ab.in_server.attribution.BackendAttributionMiddleware`, repeats vLLM's own backend
 resolution for each chat/completions request (SamplingParams' structured-output validation,
 with the engine's model config, structured-outputs config and tokenizer) and answers with the
 result in the `x-guided-ab-backend` response header. Running inside the serving process keeps
@@ -20,9 +20,9 @@ import logging
 import os
 from typing import Any
 
-HEADER = b"x-guided-ab-backend"  # keep in sync with guided_ab.vllm_args.ATTRIBUTION_HEADER
+HEADER = b"x-guided-ab-backend"  # keep in sync with guided_ab.arms.vllm_args.ATTRIBUTION_HEADER
 PATHS = ("/v1/chat/completions", "/v1/completions")
-log = logging.getLogger("guided_ab.attribution")
+log = logging.getLogger("guided_ab.in_server.attribution")
 
 
 def requested_schema(body: dict[str, Any]) -> dict | str | None:

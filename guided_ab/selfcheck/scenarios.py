@@ -2,7 +2,7 @@
 
 Every fault scenario runs the real pipeline code (config -> RunStore -> deploy of external
 endpoints -> build_plans/make_plan -> run_requests/run_plan -> classify -> teardown ->
-evaluate) against guided_ab.fault_server on loopback, then checks:
+evaluate) against guided_ab.selfcheck.fault_server on loopback, then checks:
 - accounting: exactly one record per planned request (none lost, none twice), every record's
   `attempt` equal to the times its id was sent, the parquet equal to the journal, and the
   evaluation's request_accounting / unique_requests gates passed;
@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .config import ConfigError, ExperimentConfig, load_config, parse_config
-from .fault_server import FaultServer, spawn
-from .plan import Plan
-from .store import RunStore
+from guided_ab.config import ConfigError, ExperimentConfig, load_config, parse_config
+from guided_ab.selfcheck.fault_server import FaultServer, spawn
+from guided_ab.plan import Plan
+from guided_ab.store import RunStore
 
 KEY_ENV = "GUIDED_AB_SELFCHECK_KEY"
 WRONG_KEY_ENV = "GUIDED_AB_SELFCHECK_WRONG_KEY"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # small schemas the fault server's healthy mode answers validly (tests check that it does)
 SCHEMAS: dict[str, dict] = {
@@ -221,8 +221,8 @@ class PhaseRun:
 def run_phase(sb: Sandbox, name: str, control_url: str, candidate_url: str, *, during: Callable[[RunStore], None] | None = None,
               wait_ready: bool = False, **cfg_kw: object) -> PhaseRun:
     """deploy (external endpoints) -> A/B phase -> the same phase again (resume) -> teardown -> evaluate."""
-    from . import phases
-    from .targets.external import wait_ready as external_wait_ready
+    from guided_ab import phases
+    from guided_ab.arms.external import wait_ready as external_wait_ready
 
     cfg = sb.config(name, control_url, candidate_url, **cfg_kw)
     store = RunStore.create(cfg, f"{name}-{secrets.token_hex(3)}")
@@ -376,7 +376,7 @@ def fault_server_killed(sb: Sandbox) -> str:
     return f"{detail}; SIGKILL after {killed.get('at')} records; torn down"
 
 
-CHILD = "import sys; from guided_ab.selfcheck import child_phase; child_phase(*sys.argv[1:])"
+CHILD = "import sys; from guided_ab.selfcheck.scenarios import child_phase; child_phase(*sys.argv[1:])"
 
 
 def child_phase(store_root: str, run_id: str, phase: str, how: str = "phase") -> None:
@@ -386,7 +386,7 @@ def child_phase(store_root: str, run_id: str, phase: str, how: str = "phase") ->
 
         ab(run_id=run_id, store=store_root)
         return
-    from . import phases
+    from guided_ab import phases
 
     store = RunStore.open(store_root, run_id)
     res = phases.run_requests(store.load_config(), store, phase)
@@ -468,7 +468,7 @@ class _Child:
 def fault_flow_killed(sb: Sandbox, how: str = "phase") -> str:
     """The process running the phase is SIGKILLed mid-run; the same phase re-run with the same
     run id completes it: one record per planned request, in-flight requests sent again as attempt 2."""
-    from . import phases
+    from guided_ab import phases
 
     with FaultServer("healthy", api_key=sb.key, delay_s=0.25) as srv:
         cfg = sb.config("flowkill", srv.url, srv.url, size=6, concurrency=2, timeout_s=5.0)
@@ -514,7 +514,7 @@ def fault_flow_killed(sb: Sandbox, how: str = "phase") -> str:
 def fault_torn_journal(sb: Sandbox) -> str:
     """Killed while writing a record: the journal ends in half a line; the re-run still records
     every planned request exactly once."""
-    from . import phases
+    from guided_ab import phases
 
     with FaultServer("healthy", api_key=sb.key) as srv:
         cfg = sb.config("torn", srv.url, srv.url, size=3)
@@ -559,8 +559,8 @@ def security_api_key(sb: Sandbox) -> str:
 
 def fault_vllm_killed(sb: Sandbox) -> str:
     """A real local vLLM server SIGKILLed mid-phase (needs .venv-vllm); teardown and reap clean up."""
-    from . import phases
-    from .targets import local
+    from guided_ab import phases
+    from guided_ab.arms import local
 
     if not (REPO_ROOT / ".venv-vllm" / "bin" / "python").exists() and not os.environ.get("GUIDED_AB_VLLM_PYTHON"):
         raise Failed("no .venv-vllm (run scripts/install.sh) and no GUIDED_AB_VLLM_PYTHON")
@@ -577,7 +577,7 @@ def fault_vllm_killed(sb: Sandbox) -> str:
         try:
             endpoints = phases.start_endpoints(cfg, store, log=sb.log)
             ep = endpoints["candidate"]
-            from .targets.base import resolve_key
+            from guided_ab.arms.base import resolve_key
 
             vllm_key = resolve_key(ep.key_ref)
             sb.extra_keys.append(vllm_key)
@@ -670,7 +670,7 @@ def bad_sizes(sb: Sandbox) -> str:
         refused(lambda: load_config(p), str(p), f"workload.{k}")
     d = _good(sb)
     d["workload"]["size"] = 10_000
-    from .phases import workload_items
+    from guided_ab.phases import workload_items
 
     return f"{len(cases)} fields refused by name; " + refused(lambda: workload_items(parse_config(d, "c")), "workload.size")
 
@@ -683,7 +683,7 @@ def bad_backend(sb: Sandbox) -> str:
 
 
 def _workload_refused(sb: Sandbox, suite: Path, *needles: str, **wl: object) -> str:
-    from .phases import workload_items
+    from guided_ab.phases import workload_items
 
     d = _good(sb)
     d["workload"].update({"suite": str(suite), "size": 1, **wl})
@@ -719,7 +719,7 @@ def bad_huge_schema(sb: Sandbox) -> str:
 
 
 def bad_deep_schema(sb: Sandbox) -> str:
-    from .workload import check_schema
+    from guided_ab.workload import check_schema
 
     depth = 5000
     text = '{"type":"object","properties":{"a":' * depth + "{}" + "}}" * depth
@@ -758,11 +758,11 @@ def bad_unwritable_store(sb: Sandbox) -> str:
 
 
 def bad_run_ids(sb: Sandbox) -> str:
-    from . import phases
+    from guided_ab import phases
 
     cfg = parse_config(_good(sb), "c")
     existing = RunStore.create(cfg, "existing-run")
-    from .records import RequestRecord
+    from guided_ab.records import RequestRecord
 
     for i in range(3):
         existing.append_record(RequestRecord(

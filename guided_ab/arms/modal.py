@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from ..config import Arm, ConfigError
-from ..local_model import EMBEDDED_MODEL
-from ..vllm_args import SERVED_MODEL_NAME
-from .base import Endpoint
+from guided_ab.config import Arm, ConfigError
+from guided_ab.arms.local_model import EMBEDDED_MODEL
+from guided_ab.arms.vllm_args import SERVED_MODEL_NAME
+from guided_ab.arms.base import Endpoint
 
 if TYPE_CHECKING:
-    from ..store import RunStore
+    from guided_ab.store import RunStore
 
 API_KEY_ENV = "GUIDED_AB_MODAL_API_KEY"
 APP_PREFIX = "gab-"  # every app this pipeline deploys; the reaper only ever touches these

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .targets import local
+from guided_ab.arms import local
 
 
 def reap_everything(
@@ -19,7 +19,7 @@ def reap_everything(
         log(msg)
         stopped.append(msg)
     if modal_prefix:
-        from .targets import modal_target
+        from guided_ab.arms import modal as modal_target
 
         for name in modal_target.reap(modal_prefix, older_than_s):
             msg = f"stopped Modal app {name}"

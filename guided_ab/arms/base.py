@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from ..config import ConfigError
+from guided_ab.config import ConfigError
 
 
 def state_dir() -> Path:

@@ -31,11 +31,11 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .config import ExperimentConfig
-from .evaluation import ANSWERED_OUTCOMES
-from .records import OUTCOMES, RECORD_COLUMNS
-from .report import VERDICT_TEXT, arm_rows
-from .store import RunStore, atomic_write_bytes, atomic_write_text
+from guided_ab.config import ExperimentConfig
+from guided_ab.analysis.evaluation import ANSWERED_OUTCOMES
+from guided_ab.records import OUTCOMES, RECORD_COLUMNS
+from guided_ab.reports.markdown import VERDICT_TEXT, arm_rows
+from guided_ab.store import RunStore, atomic_write_bytes, atomic_write_text
 
 KEY_PLOTS = ("latency_cdf.png", "outcomes.png")  # written beside report.html
 

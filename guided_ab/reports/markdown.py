@@ -12,8 +12,8 @@ from typing import Any
 import pandas as pd
 from rich.table import Table
 
-from .config import ExperimentConfig
-from .store import RunStore, atomic_write_text, list_runs
+from guided_ab.config import ExperimentConfig
+from guided_ab.store import RunStore, atomic_write_text, list_runs
 
 VERDICT_TEXT = {
     "switch": "SWITCH to the candidate",
@@ -141,7 +141,7 @@ def write_reports(store: RunStore, cfg: ExperimentConfig, evaluation: dict, deci
     md = render_markdown(cfg, evaluation, decision, store.run_id)
     atomic_write_text(store.path("report.md"), md)  # first: a failing HTML report never costs this one
     try:
-        from .html_report import write_html_report
+        from guided_ab.reports.html import write_html_report
     except ImportError:  # the HTML report is optional
         return
     write_html_report(store, cfg, evaluation, decision)

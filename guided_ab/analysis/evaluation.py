@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import stats as S
-from .config import ExperimentConfig
-from .records import OUTCOMES, RECORD_COLUMNS, TRANSIENT_OUTCOMES
+from guided_ab.analysis import stats as S
+from guided_ab.config import ExperimentConfig
+from guided_ab.records import OUTCOMES, RECORD_COLUMNS, TRANSIENT_OUTCOMES
 
 ANSWERED_OUTCOMES = frozenset({"success", "truncated", "invalid_json", "schema_violation"})
 SRM_P_MIN = 0.001

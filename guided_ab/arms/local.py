@@ -24,11 +24,11 @@ from pathlib import Path
 
 import httpx
 
-from ..config import Arm, ConfigError
-from ..local_model import EMBEDDED_MODEL, ensure_embedded_model
-from ..store import RunStore
-from ..vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
-from .base import Endpoint, new_key_file, resolve_key, state_dir
+from guided_ab.config import Arm, ConfigError
+from guided_ab.arms.local_model import EMBEDDED_MODEL, ensure_embedded_model
+from guided_ab.store import RunStore
+from guided_ab.arms.vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
+from guided_ab.arms.base import Endpoint, new_key_file, resolve_key, state_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,7 @@ def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str, c
     # reserves the others, so two arms would fight for one core while the other idles.
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cores or f"0-{max(0, (os.cpu_count() or 1) - 1)}")
-    # the server imports guided_ab.attribution: make this checkout importable without its deps
+    # the server imports guided_ab.in_server.attribution: make this checkout importable without its deps
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     log_path = store.path("logs", f"{arm.name}.log")
     cmd = [python, "-m", SERVER_MODULE, *server_args(arm, model, host="127.0.0.1", port=port)]

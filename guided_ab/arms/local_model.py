@@ -6,7 +6,7 @@ dequantized state dict into it and saves a normal safetensors checkpoint with to
 template, which vLLM serves. It runs once per cache directory (idempotent, offline afterwards).
 
 This module only imports the standard library at the top: it is run with the *server's* Python
-(`python -m guided_ab.local_model <out_dir>`), where torch and transformers live.
+(`python -m guided_ab.arms.local_model <out_dir>`), where torch and transformers live.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def ensure_embedded_model(python: str, log=print) -> Path:
         return out
     log(f"converting the embedded model into {out} (once; about a minute)")
     proc = subprocess.run(
-        [python, "-m", "guided_ab.local_model", str(out)],
+        [python, "-m", "guided_ab.arms.local_model", str(out)],
         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
     )
     if proc.returncode != 0 or not is_ready(out):

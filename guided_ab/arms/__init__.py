@@ -1,0 +1,1 @@
+"""Arms: where each arm of an experiment is served (local vLLM, Modal, external) and how it is started, waited for and stopped. Kept import-free: the server-side and Modal-image code import submodules of this package."""
