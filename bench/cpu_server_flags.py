@@ -32,11 +32,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guided_ab.load.client import chat_body, new_session, send_chat  # noqa: E402
-from guided_ab.config import Arm, Workload  # noqa: E402
-from guided_ab.arms.local_model import ensure_embedded_model  # noqa: E402
 from guided_ab.arms.local import REPO_ROOT, free_port, vllm_python  # noqa: E402
+from guided_ab.arms.local_model import ensure_embedded_model  # noqa: E402
 from guided_ab.arms.vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env  # noqa: E402
+from guided_ab.config import Arm, Workload  # noqa: E402
+from guided_ab.load.client import chat_body, new_session, send_chat  # noqa: E402
 from guided_ab.workload import builtin_suite  # noqa: E402
 
 BASE_ARGS = ["--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "4"]

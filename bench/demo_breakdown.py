@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -152,8 +151,8 @@ def run_install() -> Span:
 
 def run_model() -> Span:
     sys.path.insert(0, str(REPO))
-    from guided_ab.arms.local_model import cache_dir, ensure_embedded_model, is_ready
     from guided_ab.arms.local import vllm_python
+    from guided_ab.arms.local_model import cache_dir, ensure_embedded_model, is_ready
 
     cached = is_ready(cache_dir())
     t0 = time.time()

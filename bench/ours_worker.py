@@ -40,12 +40,12 @@ def _maxrss_mb() -> float:
 def _memory(n: int, out: Path) -> None:
     import subprocess
 
+    from guided_ab.arms.base import Endpoint
     from guided_ab.config import Workload
+    from guided_ab.load.runner import run_plan
     from guided_ab.plan import make_plan
     from guided_ab.records import RequestRecord
-    from guided_ab.load.runner import run_plan
     from guided_ab.store import RunStore
-    from guided_ab.arms.base import Endpoint
     from guided_ab.workload import WorkItem
 
     root = tempfile.mkdtemp(prefix="guided-ab-memory-")
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     import guided_ab
-    from guided_ab.config import Workload
-    from guided_ab.plan import make_plan
-    from guided_ab.load.runner import run_plan
-    from guided_ab.store import RunStore
     from guided_ab.arms.base import Endpoint
+    from guided_ab.config import Workload
+    from guided_ab.load.runner import run_plan
+    from guided_ab.plan import make_plan
+    from guided_ab.store import RunStore
     from guided_ab.workload import WorkItem
 
     schema = {"type": "object"}

@@ -7,7 +7,7 @@ from guided_ab.store import RunStore
 DEFAULT_STORE = "runs"
 
 
-def open_run(run_id: str, store: str = DEFAULT_STORE) -> tuple[RunStore, "ExperimentConfig"]:  # noqa: F821
+def open_run(run_id: str, store: str = DEFAULT_STORE) -> tuple[RunStore, ExperimentConfig]:  # noqa: F821
     """The run's store and its pre-registered config snapshot."""
     rs = RunStore.open(store, run_id)
     return rs, rs.load_config()

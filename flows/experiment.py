@@ -13,9 +13,9 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from guided_ab import phases
+from guided_ab.arms.base import state_dir
 from guided_ab.config import load_config
 from guided_ab.store import RunStore
-from guided_ab.arms.base import state_dir
 from tasks.endpoints import teardown
 
 from .ab import ab

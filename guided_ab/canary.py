@@ -16,13 +16,13 @@ import time
 import numpy as np
 
 from guided_ab.analysis import stats as S
-from guided_ab.config import ConfigError
-from guided_ab.phases import load_endpoints, save_endpoints
-from guided_ab.plan import make_plan
-from guided_ab.load.runner import run_plan
-from guided_ab.store import RunStore
 from guided_ab.arms.base import Endpoint
 from guided_ab.arms.vllm_args import SERVED_MODEL_NAME
+from guided_ab.config import ConfigError
+from guided_ab.load.runner import run_plan
+from guided_ab.phases import load_endpoints, save_endpoints
+from guided_ab.plan import make_plan
+from guided_ab.store import RunStore
 from guided_ab.workload import load_workload
 
 

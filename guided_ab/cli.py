@@ -10,7 +10,6 @@ import atexit
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -42,7 +41,7 @@ STORE_OPT = typer.Option("runs", "--store", help="run store root (the config's `
 @app.command()
 def run(
     config: Path = typer.Argument(..., help="experiment config, e.g. configs/local.yaml"),
-    run_id: Optional[str] = typer.Option(None, help="reuse/resume this run id"),
+    run_id: str | None = typer.Option(None, help="reuse/resume this run id"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and estimated cost; start nothing"),
 ) -> None:
     """Run a whole experiment (deploy, observe, A/B, teardown, evaluate, decide) through Prefect."""
@@ -91,13 +90,13 @@ def _print_summary(run_dir: Path) -> None:
 def evaluate(
     run_id: str = typer.Option(..., "--run-id"),
     store: str = STORE_OPT,
-    success_margin: Optional[float] = typer.Option(None, help="candidate success may be this much lower"),
-    latency_margin: Optional[float] = typer.Option(None, help="candidate p50 may be this much slower (0.1 = 10%)"),
-    backend_share_min: Optional[float] = typer.Option(None),
-    expected_backend: Optional[str] = typer.Option(None),
-    max_cv_ratio: Optional[float] = typer.Option(None),
-    alpha: Optional[float] = typer.Option(None),
-    bootstrap_resamples: Optional[int] = typer.Option(None),
+    success_margin: float | None = typer.Option(None, help="candidate success may be this much lower"),
+    latency_margin: float | None = typer.Option(None, help="candidate p50 may be this much slower (0.1 = 10%)"),
+    backend_share_min: float | None = typer.Option(None),
+    expected_backend: str | None = typer.Option(None),
+    max_cv_ratio: float | None = typer.Option(None),
+    alpha: float | None = typer.Option(None),
+    bootstrap_resamples: int | None = typer.Option(None),
 ) -> None:
     """Re-evaluate and re-decide a finished run offline (no endpoint is touched)."""
     from guided_ab import phases
@@ -166,9 +165,9 @@ def teardown(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT
 @app.command()
 def reap(
     older_than: float = typer.Option(0.0, help="only servers started more than this many seconds ago"),
-    run_id: Optional[str] = typer.Option(None, "--run-id"),
+    run_id: str | None = typer.Option(None, "--run-id"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list, do not stop"),
-    modal_prefix: Optional[str] = typer.Option(
+    modal_prefix: str | None = typer.Option(
         None, help="also stop deployed Modal apps whose name starts with this (e.g. 'gab-'); needs a Modal token"
     ),
     force: bool = typer.Option(False, "--force", help="also stop servers of experiments that are still running"),
@@ -256,8 +255,8 @@ def selfcheck(
     with_vllm: bool = typer.Option(False, "--with-vllm", help="also SIGKILL a real local vLLM server mid-phase (needs .venv-vllm)"),
     with_prefect: bool = typer.Option(False, "--with-prefect", help="also SIGKILL a real Prefect `ab` flow process mid-run"),
     keep: bool = typer.Option(False, "--keep", help="keep the sandbox directory (runs, logs) for inspection"),
-    workdir: Optional[Path] = typer.Option(None, "--dir", help="sandbox directory to use (kept)"),
-    only: Optional[list[str]] = typer.Option(None, "--only", help="run only these scenarios (repeatable)"),
+    workdir: Path | None = typer.Option(None, "--dir", help="sandbox directory to use (kept)"),
+    only: list[str] | None = typer.Option(None, "--only", help="run only these scenarios (repeatable)"),
 ) -> None:
     """Run the fault and bad-input scenarios against a loopback fault server; exit 0 only if all held."""
     from guided_ab.selfcheck.scenarios import selfcheck as run_selfcheck

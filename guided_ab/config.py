@@ -59,7 +59,7 @@ class Arm(Strict):
     modal: ModalSettings = Field(default_factory=ModalSettings)
 
     @model_validator(mode="after")
-    def _target_fields(self) -> "Arm":
+    def _target_fields(self) -> Arm:
         if self.target == "external" and not self.url:
             raise ValueError("an arm with target 'external' needs 'url' (the endpoint's base URL)")
         if self.target != "external" and self.url:
@@ -137,7 +137,7 @@ class ExperimentConfig(Strict):
     server_start_timeout_s: float = Field(600.0, gt=0)
 
     @model_validator(mode="after")
-    def _roles(self) -> "ExperimentConfig":
+    def _roles(self) -> ExperimentConfig:
         names = [a.name for a in self.arms]
         if len(set(names)) != len(names):
             raise ValueError(f"arm names must be unique, got {names}")

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from guided_ab.config import Arm, ExperimentConfig
 from guided_ab.arms import modal as modal_target
+from guided_ab.config import Arm, ExperimentConfig
 
 SEED_LATENCY_S = 14.0  # the seed's average end-to-end latency per structured request
 MODAL_STARTUP_S = 600.0  # assumed cold start of a Modal arm: container, weights from the Volume, vLLM load

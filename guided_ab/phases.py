@@ -11,15 +11,15 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
-from guided_ab.config import ConfigError, DecisionOverrides, ExperimentConfig
-from guided_ab.plan import Plan, make_plan
-from guided_ab.load.runner import PhaseResult, Progress, run_plan
-from guided_ab.store import RunStore
-from guided_ab.arms.targets import prepare_arm, start_arm, stop_endpoint, wait_arm
 from guided_ab.arms.base import Endpoint
+from guided_ab.arms.targets import prepare_arm, start_arm, stop_endpoint, wait_arm
+from guided_ab.config import ConfigError, DecisionOverrides, ExperimentConfig
+from guided_ab.load.runner import PhaseResult, Progress, run_plan
+from guided_ab.plan import Plan, make_plan
+from guided_ab.store import RunStore
 from guided_ab.workload import WARMUP_ITEM, WorkItem, load_workload
 
 Log = Callable[[str], None]

@@ -49,7 +49,7 @@ class RequestRecord(BaseModel):
     output: str | None = None
 
     @classmethod
-    def from_response(cls, raw, outcome: Outcome, error: str | None, **planned) -> "RequestRecord":
+    def from_response(cls, raw, outcome: Outcome, error: str | None, **planned) -> RequestRecord:
         """The record of one sent request: its planned fields plus what came back.
 
         `raw` is a client.RawResponse; `backend` comes from the server only, never from the config.

@@ -74,7 +74,7 @@ class RunStore:
 
     # -- creation and lookup -------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: ExperimentConfig, run_id: str | None = None) -> "RunStore":
+    def create(cls, cfg: ExperimentConfig, run_id: str | None = None) -> RunStore:
         store = cls(cfg.store, run_id or new_run_id(cfg.name))
         try:
             (store.dir / "records").mkdir(parents=True, exist_ok=True)
@@ -92,7 +92,7 @@ class RunStore:
         return store
 
     @classmethod
-    def open(cls, root: str | Path, run_id: str) -> "RunStore":
+    def open(cls, root: str | Path, run_id: str) -> RunStore:
         store = cls(root, run_id)
         if not (store.dir / "config.yaml").is_file():
             raise ConfigError(

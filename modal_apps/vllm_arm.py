@@ -29,8 +29,8 @@ from dataclasses import dataclass
 
 import modal
 
-from guided_ab.config import Arm, ModalSettings
 from guided_ab.arms.vllm_args import SERVER_MODULE, server_args, server_env
+from guided_ab.config import Arm, ModalSettings
 
 # The official CUDA build of vLLM, pinned: results are only comparable within one version.
 VLLM_VERSION = "0.32.0"
@@ -81,7 +81,7 @@ class ArmSpec:
         return {ENV_ARM: self.arm.model_dump_json(), ENV_APP_NAME: self.app_name}
 
     @classmethod
-    def from_environment(cls, env: Mapping[str, str]) -> "ArmSpec":
+    def from_environment(cls, env: Mapping[str, str]) -> ArmSpec:
         """The spec a container (or a by-hand deploy) reads from its environment."""
         arm = Arm.model_validate_json(env[ENV_ARM]) if env.get(ENV_ARM) else DEFAULT_ARM
         arm = _apply_overrides(arm, env)

@@ -7,9 +7,8 @@ from prefect.artifacts import create_link_artifact
 from prefect.tasks import exponential_backoff
 
 from guided_ab import phases
-
-from guided_ab.load import progress as console_progress
 from guided_ab.config import ExperimentConfig
+from guided_ab.load import progress as console_progress
 from guided_ab.store import RunStore
 
 from .retry import retry_if_transient

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-import time
 from collections import Counter
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from guided_ab import phases
-
-from guided_ab.load import progress as console_progress
 from guided_ab.config import ExperimentConfig
+from guided_ab.load import progress as console_progress
 from guided_ab.load.runner import PhaseResult
 from guided_ab.store import RunStore
 

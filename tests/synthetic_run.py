@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 
 from guided_ab import phases
+from guided_ab.analysis.simulate import synthetic_records
 from guided_ab.config import parse_config
 from guided_ab.records import RequestRecord
-from guided_ab.analysis.simulate import synthetic_records
 from guided_ab.store import RunStore
 
 

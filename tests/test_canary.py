@@ -3,11 +3,10 @@ guardrail breach (here: every answer is wrong) named in canary.json and raised b
 
 from __future__ import annotations
 
-import pytest
+from synthetic_run import make_finished_run
 
 from guided_ab.canary import run_canary
 from guided_ab.selfcheck.fault_server import FaultServer
-from synthetic_run import make_finished_run
 
 KEY = "canary-test-key-0123456789"
 

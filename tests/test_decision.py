@@ -11,10 +11,10 @@ import json
 
 import pandas as pd
 
-from guided_ab.config import Arm, DecisionRule, ExperimentConfig
 from guided_ab.analysis.decision import decide
 from guided_ab.analysis.evaluation import evaluate
 from guided_ab.analysis.simulate import planned_counts, simulate, synthetic_config, synthetic_records
+from guided_ab.config import Arm, DecisionRule, ExperimentConfig
 
 REAL = dict(sigma=0.15, schema_sd=0.5, success_corr=0.9)
 

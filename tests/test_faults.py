@@ -14,15 +14,15 @@ import secrets
 import httpx
 import pytest
 from jsonschema import Draft202012Validator
-
-from guided_ab.selfcheck import scenarios as sc
-from guided_ab.load.client import chat_body, new_session, send_chat
-from guided_ab.config import ConfigError
-from guided_ab.selfcheck.fault_server import MODES, FaultServer, minimal_instance, spawn
-from guided_ab.load.classify import classify
-from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER
-from guided_ab.workload import check_schema
 from synthetic_run import writable_record
+
+from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER
+from guided_ab.config import ConfigError
+from guided_ab.load.classify import classify
+from guided_ab.load.client import chat_body, new_session, send_chat
+from guided_ab.selfcheck import scenarios as sc
+from guided_ab.selfcheck.fault_server import MODES, FaultServer, minimal_instance, spawn
+from guided_ab.workload import check_schema
 
 pytestmark = pytest.mark.timeout(60)
 

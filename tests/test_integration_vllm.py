@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from guided_ab.arms import local
 from guided_ab.records import OUTCOMES
 from guided_ab.store import RunStore
-from guided_ab.arms import local
 
 pytestmark = pytest.mark.vllm
 REPO = Path(__file__).resolve().parents[1]

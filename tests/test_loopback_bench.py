@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from guided_ab.load.client import RawResponse, _StreamState
-from guided_ab.config import Workload
-from guided_ab.plan import make_plan
-from guided_ab.load.runner import run_plan
-from guided_ab.store import RunStore
 from guided_ab.arms.base import Endpoint
+from guided_ab.config import Workload
+from guided_ab.load.client import RawResponse, _StreamState
+from guided_ab.load.runner import run_plan
+from guided_ab.plan import make_plan
+from guided_ab.store import RunStore
 from guided_ab.workload import WorkItem
 
 REPO = Path(__file__).resolve().parents[1]

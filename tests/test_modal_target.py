@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from guided_ab.arms import modal as modal_target
+from guided_ab.arms.base import Endpoint
+from guided_ab.arms.targets import start_arm, stop_endpoint, wait_arm
+from guided_ab.arms.vllm_args import ATTRIBUTION_MIDDLEWARE, SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
 from guided_ab.config import Arm, ConfigError, ExperimentConfig, ModalSettings, load_config
 from guided_ab.store import RunStore
-from guided_ab.arms import modal as modal_target
-from guided_ab.arms.targets import start_arm, stop_endpoint, wait_arm
-from guided_ab.arms.base import Endpoint
-from guided_ab.arms.vllm_args import ATTRIBUTION_MIDDLEWARE, SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "auto-vs-guidance.yaml"
@@ -129,6 +129,7 @@ def test_function_definition_follows_the_arms_modal_settings():
     """GPU type/count, Volumes, secret, port, timeouts, scale-down and concurrency, as Modal
     will receive them (read offline from the Function object and its loader's closure)."""
     from modal._utils.async_utils import synchronizer
+
     from modal_apps import vllm_arm
 
     arm = modal_arm(modal=dict(gpu="H100!", gpu_count=2, startup_timeout_s=2400, scaledown_window_s=600,

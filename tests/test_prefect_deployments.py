@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from synthetic_run import make_finished_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +71,6 @@ def test_deployments_register_and_evaluate_runs_from_the_api(prefect_server, tmp
 
     async def trigger_and_read():
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
         async with get_client() as client:
             names = {d.name for d in await client.read_deployments()}

@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from synthetic_run import writable_record
 
 from guided_ab.analysis import stats
+from guided_ab.load.classify import classify
 from guided_ab.load.client import RawResponse, _read_body, _StreamState
 from guided_ab.plan import make_plan
 from guided_ab.records import OUTCOMES
 from guided_ab.selfcheck.scenarios import SCHEMAS
-from guided_ab.load.classify import classify
 from guided_ab.workload import WorkItem
-from synthetic_run import writable_record
 
 pytestmark = pytest.mark.timeout(120)
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -23,8 +23,8 @@ import httpx
 import pytest
 
 from guided_ab import phases
-from guided_ab.selfcheck import scenarios as sc
 from guided_ab.config import parse_config
+from guided_ab.selfcheck import scenarios as sc
 from guided_ab.selfcheck.fault_server import FaultServer
 from guided_ab.store import RunStore
 

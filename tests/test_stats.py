@@ -15,8 +15,8 @@ from statsmodels.stats.power import NormalIndPower
 
 from guided_ab.analysis import stats as S
 from guided_ab.analysis.evaluation import evaluate
-from guided_ab.records import OUTCOMES, records_frame
 from guided_ab.analysis.simulate import planned_counts, synthetic_config, synthetic_records
+from guided_ab.records import OUTCOMES, records_frame
 
 
 # -- textbook values -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 import pytest
 
-from guided_ab.load.client import RawResponse
 from guided_ab.load.classify import classify
+from guided_ab.load.client import RawResponse
 
 SCHEMA = {
     "type": "object",

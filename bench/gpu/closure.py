@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import email.parser
-import re
 import subprocess
 import sys
 import zipfile

@@ -45,7 +45,7 @@ def _equivalence_margin(rule: Any) -> float:
 class _Cols:
     """The record columns as numpy arrays (pandas indexing costs more than the statistics here)."""
 
-    def __init__(self, records: pd.DataFrame | None, idx: np.ndarray | None = None, base: "_Cols | None" = None):
+    def __init__(self, records: pd.DataFrame | None, idx: np.ndarray | None = None, base: _Cols | None = None):
         if base is not None:
             self.a = {k: v[idx] for k, v in base.a.items()}
             return
@@ -77,7 +77,7 @@ class _Cols:
     def __getitem__(self, name: str) -> np.ndarray:
         return self.a[name]
 
-    def take(self, mask: np.ndarray) -> "_Cols":
+    def take(self, mask: np.ndarray) -> _Cols:
         return _Cols(None, np.flatnonzero(mask) if mask.dtype == bool else mask, self)
 
 

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
-from guided_ab.config import Arm, DecisionRule, ExperimentConfig
 from guided_ab.analysis.decision import decide
 from guided_ab.analysis.evaluation import evaluate
+from guided_ab.config import Arm, DecisionRule, ExperimentConfig
 from guided_ab.records import RECORD_COLUMNS
 
 # how failed requests fail (shares); all but timeout return an answer with a latency

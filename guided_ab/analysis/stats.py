@@ -23,9 +23,9 @@ No function here prints; non-finite results are returned as None in the `to_dict
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Iterable, Sequence
 
 import numpy as np
 from scipy import stats as sps

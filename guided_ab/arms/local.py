@@ -24,11 +24,11 @@ from pathlib import Path
 
 import httpx
 
-from guided_ab.config import Arm, ConfigError
-from guided_ab.arms.local_model import EMBEDDED_MODEL, ensure_embedded_model
-from guided_ab.store import RunStore
-from guided_ab.arms.vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
 from guided_ab.arms.base import Endpoint, new_key_file, resolve_key, state_dir
+from guided_ab.arms.local_model import EMBEDDED_MODEL, ensure_embedded_model
+from guided_ab.arms.vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
+from guided_ab.config import Arm, ConfigError
+from guided_ab.store import RunStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

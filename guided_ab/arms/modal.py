@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from guided_ab.config import Arm, ConfigError
+from guided_ab.arms.base import Endpoint
 from guided_ab.arms.local_model import EMBEDDED_MODEL
 from guided_ab.arms.vllm_args import SERVED_MODEL_NAME
-from guided_ab.arms.base import Endpoint
+from guided_ab.config import Arm, ConfigError
 
 if TYPE_CHECKING:
     from guided_ab.store import RunStore

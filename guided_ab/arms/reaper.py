@@ -4,7 +4,7 @@ cancellations; only a reaper covers a SIGKILL'd process."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from guided_ab.arms import local
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
+from guided_ab.arms.base import Endpoint
 from guided_ab.config import Arm
 from guided_ab.store import RunStore
-from guided_ab.arms.base import Endpoint
 
 
 def prepare_arm(arm: Arm, log=print) -> None:

@@ -64,7 +64,7 @@ def _rich_handlers() -> list[logging.Handler]:
     seen, out = set(), []
     for lg in loggers:
         for h in lg.handlers:
-            if id(h) not in seen and hasattr(h, "console") and hasattr(getattr(h, "console"), "print"):
+            if id(h) not in seen and hasattr(h, "console") and hasattr(h.console, "print"):
                 seen.add(id(h))
                 out.append(h)
     return out
@@ -77,8 +77,16 @@ def bar(description: str, total: int | None = None, *, show: bool | None = None)
         yield Bar()
         return
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskProgressColumn,
-                               TextColumn, TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = Console(stderr=True)
     columns: list[Any] = [SpinnerColumn(), TextColumn("[bold]{task.description}")]

@@ -24,16 +24,16 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
-from guided_ab.load.client import chat_body, new_session, send_chat
+from guided_ab.arms.base import Endpoint, resolve_key
 from guided_ab.config import Workload
+from guided_ab.load.classify import classify
+from guided_ab.load.client import chat_body, new_session, send_chat
 from guided_ab.plan import Plan, PlannedRequest
 from guided_ab.records import RequestRecord
 from guided_ab.store import RunStore
-from guided_ab.arms.base import Endpoint, resolve_key
-from guided_ab.load.classify import classify
 
 Progress = Callable[[int, int, Counter], None]
 

@@ -25,14 +25,15 @@ import io
 import math
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from guided_ab.config import ExperimentConfig
 from guided_ab.analysis.evaluation import ANSWERED_OUTCOMES
+from guided_ab.config import ExperimentConfig
 from guided_ab.records import OUTCOMES, RECORD_COLUMNS
 from guided_ab.reports.markdown import VERDICT_TEXT, arm_rows
 from guided_ab.store import RunStore, atomic_write_bytes, atomic_write_text

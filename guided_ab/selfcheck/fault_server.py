@@ -286,7 +286,7 @@ class FaultServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-    def start(self) -> "FaultServer":
+    def start(self) -> FaultServer:
         ready = threading.Event()
         errors: list[BaseException] = []
 
@@ -319,7 +319,7 @@ class FaultServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-    def __enter__(self) -> "FaultServer":
+    def __enter__(self) -> FaultServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -581,7 +581,7 @@ class FaultProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def __enter__(self) -> "FaultProcess":
+    def __enter__(self) -> FaultProcess:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -34,14 +34,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from guided_ab.config import ConfigError, ExperimentConfig, load_config, parse_config
-from guided_ab.selfcheck.fault_server import FaultServer, spawn
 from guided_ab.plan import Plan
+from guided_ab.selfcheck.fault_server import FaultServer, spawn
 from guided_ab.store import RunStore
 
 KEY_ENV = "GUIDED_AB_SELFCHECK_KEY"
@@ -109,7 +109,7 @@ class Sandbox:
         self.extra_keys: list[str] = []  # keys of real servers started (--with-vllm)
         self.suite = self.write_suite("suite", SCHEMAS)
 
-    def tally(self, acc: "Accounting") -> "Accounting":
+    def tally(self, acc: Accounting) -> Accounting:
         self.lost += acc.lost
         self.duplicates += acc.duplicates
         return acc
