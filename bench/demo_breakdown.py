@@ -134,7 +134,7 @@ def print_table(rows: list[Span], total: float | None) -> None:
     print(f"\n{'phase':44} {'wall s':>8}  note")
     for r in rows:
         s = r.seconds
-        print(f"{r.name:44} {('%8.1f' % s) if s is not None else '       -'}  {r.note}")
+        print(f"{r.name:44} {(f'{s:8.1f}') if s is not None else '       -'}  {r.note}")
     if total is not None:
         print(f"{'total':44} {total:8.1f}")
 

@@ -55,21 +55,27 @@ def _memory(n: int, out: Path) -> None:
                  for i in range((n + 1) // 2)]
         plan = make_plan("ab", ["a", "b"], items, seed=1)
         store = RunStore(root, "memory")
-        store.path("records").mkdir(parents=True, exist_ok=True)
         output = json.dumps({"id": "chatcmpl-lb0", "pad": "tok " * 16})
-        with open(store.journal_path("ab"), "w", encoding="utf-8") as f:
-            for r in plan.requests:
-                f.write(RequestRecord(
-                    run_id="memory", phase="ab", arm=r.arm, request_id=r.request_id, schema_id=r.schema_id,
-                    subset="bench", order_index=r.order_index, pair_index=r.pair_index, warmup=r.warmup,
-                    first_for_schema=r.first_for_schema, stream=True, attempt=1, sent_at=time.time(), ttft_s=0.01,
-                    latency_s=0.1, prompt_tokens=70, completion_tokens=20, finish_reason="stop", http_status=200,
-                    backend="loopback", outcome="success", output=output,
-                ).model_dump_json() + "\n")
-        endpoints = {arm: Endpoint(run_id="memory", arm=arm, target="external", base_url="http://127.0.0.1:9",
-                                   model="m", backend="x") for arm in ("a", "b")}
+
+        async def write_journal() -> None:  # through the store's journal writer, as a phase writes it
+            journal = store.open_journal("ab")
+            try:
+                for r in plan.requests:
+                    journal.append(RequestRecord(
+                        run_id="memory", phase="ab", arm=r.arm, request_id=r.request_id, schema_id=r.schema_id,
+                        subset="bench", order_index=r.order_index, pair_index=r.pair_index, warmup=r.warmup,
+                        first_for_schema=r.first_for_schema, stream=True, attempt=1, sent_at=time.time(), ttft_s=0.01,
+                        latency_s=0.1, prompt_tokens=70, completion_tokens=20, finish_reason="stop", http_status=200,
+                        backend="loopback", outcome="success", output=output,
+                    ))
+            finally:
+                await journal.close()
+
         import asyncio
 
+        asyncio.run(write_journal())
+        endpoints = {arm: Endpoint(run_id="memory", arm=arm, target="external", base_url="http://127.0.0.1:9",
+                                   model="m", backend="x") for arm in ("a", "b")}
         result = asyncio.run(run_plan(plan, endpoints, store, Workload(concurrency=64)))
         assert result.recorded == len(plan.requests) and result.sent_now == 0, result
         rss_resume = _maxrss_mb()

@@ -16,18 +16,16 @@ import time
 import numpy as np
 
 from guided_ab.analysis import stats as S
-from guided_ab.arms.base import Endpoint
+from guided_ab.analysis.bootstrap import bootstrap_quantile_draws, percentile_interval
+from guided_ab.arms import external
 from guided_ab.arms.vllm_args import SERVED_MODEL_NAME
 from guided_ab.config import ConfigError
+from guided_ab.errors import GuardrailBreach as GuardrailBreach  # defined here before guided_ab.errors
 from guided_ab.load.runner import run_plan
 from guided_ab.phases import load_endpoints, save_endpoints
 from guided_ab.plan import make_plan
 from guided_ab.store import RunStore
 from guided_ab.workload import load_workload
-
-
-class GuardrailBreach(RuntimeError):
-    pass
 
 
 def run_canary(
@@ -46,9 +44,8 @@ def run_canary(
     seed = seed if seed is not None else int(time.time())
     wl = cfg.workload.model_copy(update={"size": size, "observe_size": 0, "seed": seed})
     store = RunStore.create(cfg.model_copy(update={"workload": wl}), f"{baseline.run_id}-canary-{time.strftime('%Y%m%d-%H%M%S')}")
-    ep = Endpoint(
-        run_id=store.run_id, arm=arm_name, target="external", base_url=url.rstrip("/").removesuffix("/v1"),
-        model=model, backend=cfg.arm(arm_name).backend, key_ref=f"env:{api_key_env}" if api_key_env else None,
+    ep = external.endpoint(
+        run_id=store.run_id, arm=arm_name, url=url, model=model, backend=cfg.arm(arm_name).backend, api_key_env=api_key_env,
     )
     save_endpoints(store, {arm_name: ep})
     items = random.Random(seed).sample(load_workload(wl), size)
@@ -81,8 +78,8 @@ def compare_with_baseline(df, base_arm: dict, rule) -> list[dict]:
     lat = np.sort(df.loc[df["outcome"] == "success", "latency_s"].dropna().to_numpy(dtype=float))
     base_p50 = (base_arm.get("latency", {}).get("p50") or {}).get("estimate")
     if base_p50 is not None and lat.size >= 3:
-        draws = S.bootstrap_quantile_draws(lat, 0.5, 2000, np.random.default_rng(0))
-        p50 = S.percentile_interval(float(np.median(lat)), draws, rule.alpha)
+        draws = bootstrap_quantile_draws(lat, 0.5, 2000, np.random.default_rng(0))
+        p50 = percentile_interval(float(np.median(lat)), draws, rule.alpha)
         ceiling = base_p50 * (1 + rule.latency_margin)
         checks.append({
             "name": "latency_p50", "canary": p50.estimate, "ci_low": p50.ci_low, "baseline": base_p50, "threshold": ceiling,

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from guided_ab.config import ConfigError, DecisionOverrides, load_config
+from guided_ab.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -23,7 +24,7 @@ console = Console(stderr=True)
 out = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=200)
 
 
-def _fail(err: Exception, code: int = 2) -> None:
+def _fail(err: Exception | str, code: int = 2) -> None:
     console.print(f"[bold red]error:[/] {err}", highlight=False)
     raise typer.Exit(code)
 
@@ -69,7 +70,7 @@ def run(
 
     try:
         result = experiment(config_path=str(config), run_id=run_id)
-    except ConfigError as err:
+    except UserError as err:  # bad input or a run missing what a phase needs (RunStateError): exit 2
         _fail(err)
     except Exception as err:  # the flow failed: say why, records stay in the store
         _fail(f"the experiment failed: {err}", code=1)
@@ -78,7 +79,7 @@ def run(
 
 
 def _print_summary(run_dir: Path) -> None:
-    from guided_ab.reports.markdown import summary_table
+    from guided_ab.reports.console import summary_table
 
     try:
         out.print(summary_table(run_dir))
@@ -111,7 +112,7 @@ def evaluate(
         rs = RunStore.open(store, run_id)
         phases.evaluate_run(rs, overrides)
         decision = phases.decide_run(rs, overrides)
-    except (ConfigError, ValueError) as err:
+    except ValueError as err:  # UserError (ConfigError, RunStateError) and pydantic's validation errors
         _fail(err)
     _print_summary(rs.dir)
     print(f"run_id={run_id} decision={decision['verdict']} store={rs.dir}")
@@ -132,7 +133,7 @@ def _phase_command(name: str, flow_path: str, doc: str):
         flow_fn = getattr(importlib.import_module(module), fn)
         try:
             result = flow_fn(run_id=run_id, store=store)
-        except ConfigError as err:
+        except UserError as err:  # e.g. RunStateError: "run the deploy phase first"; exit 2
             _fail(err)
         except Exception as err:
             _fail(f"phase {name} failed: {err}", code=1)
@@ -188,7 +189,7 @@ def reap(
 @app.command()
 def runs(store: str = STORE_OPT) -> None:
     """List past runs with their decision and key metrics."""
-    from guided_ab.reports.markdown import runs_table
+    from guided_ab.reports.console import runs_table
 
     out.print(runs_table(store))
 
@@ -216,7 +217,7 @@ def report(
         _fail(f"run {run_id} has no decision yet: run `guided-ab evaluate --run-id {run_id} --store {store}` first")
     html = rs.path("report.html")
     if not html.is_file() or not rs.has("report.md"):  # a run decided before the HTML report existed
-        from guided_ab.reports.markdown import write_reports
+        from guided_ab.reports.files import write_reports
 
         try:
             with console.status("writing the report ..."):
@@ -259,7 +260,7 @@ def selfcheck(
     only: list[str] | None = typer.Option(None, "--only", help="run only these scenarios (repeatable)"),
 ) -> None:
     """Run the fault and bad-input scenarios against a loopback fault server; exit 0 only if all held."""
-    from guided_ab.selfcheck.scenarios import selfcheck as run_selfcheck
+    from guided_ab.selfcheck.run import selfcheck as run_selfcheck
 
     code = run_selfcheck(with_vllm=with_vllm, with_prefect=with_prefect, keep=keep, workdir=workdir, only_names=only,
                          echo=lambda line: print(line, flush=True))

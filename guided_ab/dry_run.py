@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from guided_ab.arms import modal as modal_target
-from guided_ab.config import Arm, ExperimentConfig
+from guided_ab.arms.targets import target_for
+from guided_ab.config import ExperimentConfig, TargetKind
 
 SEED_LATENCY_S = 14.0  # the seed's average end-to-end latency per structured request
 MODAL_STARTUP_S = 600.0  # assumed cold start of a Modal arm: container, weights from the Volume, vLLM load
@@ -28,7 +28,7 @@ LOCAL_STARTUP_S = 60.0  # a local CPU server with --enforce-eager (measured ~55 
 class ArmPlan:
     arm: str
     role: str
-    target: str
+    target: TargetKind
     backend: str
     model: str
     where: str  # Modal app name, external URL, or "this machine"
@@ -89,14 +89,6 @@ def _phase_s(n_requests: int, concurrency: int, latency_s: float) -> float:
     return math.ceil(n_requests / concurrency) * latency_s if n_requests else 0.0
 
 
-def _where(arm: Arm, experiment: str, run_id: str) -> str:
-    if arm.target == "modal":
-        return modal_target.app_name(experiment, arm.name, run_id)
-    if arm.target == "external":
-        return arm.url or "-"
-    return "this machine"
-
-
 def plan_experiment(
     cfg: ExperimentConfig,
     *,
@@ -111,28 +103,24 @@ def plan_experiment(
 
         run_id = new_run_id(cfg.name)
     wl = cfg.workload
-    phases = list(cfg.phases)
+    phases: list[str] = list(cfg.phases)
     observe_n = wl.observe_size if "observe" in phases else 0
     warmup_n = wl.warmup if "ab" in phases else 0
     ab_n = wl.size * wl.repeats if "ab" in phases else 0
     n_candidates = len(cfg.candidates)
     observe_s = _phase_s(observe_n * n_candidates, wl.concurrency, latency_s)
     ab_s = _phase_s((warmup_n + ab_n) * len(cfg.arms), wl.concurrency, latency_s)
+    # assumed start-up per target kind; without a deploy phase this run starts nothing
+    startups = {"modal": modal_startup_s, "local": local_startup_s} if "deploy" in phases else {}
     arms = []
     for arm in cfg.arms:
-        if "deploy" not in phases or arm.target == "external":
-            startup = 0.0
-        else:
-            startup = modal_startup_s if arm.target == "modal" else local_startup_s
-        modal = arm.target == "modal"
+        est = target_for(arm.target).estimate(arm, experiment=cfg.name, run_id=run_id, startup_s=startups)
         arms.append(ArmPlan(
             arm=arm.name, role=arm.role, target=arm.target, backend=arm.backend, model=arm.model,
-            where=_where(arm, cfg.name, run_id),
-            gpu=f"{arm.modal.gpu} x {arm.modal.gpu_count}" if modal else "-",
+            where=est.where, gpu=est.gpu,
             warmup=warmup_n, observe=observe_n if arm.role == "candidate" else 0, ab=ab_n,
-            startup_s=startup, held_s=startup + observe_s + ab_s,
-            cost_per_hour=modal_target.cost_per_hour(arm) if modal else arm.cost_per_hour,
-            max_startup_s=max(startup, float(arm.modal.startup_timeout_s)) if modal and startup else startup,
+            startup_s=est.startup_s, held_s=est.startup_s + observe_s + ab_s,
+            cost_per_hour=est.cost_per_hour, max_startup_s=est.max_startup_s,
         ))
     return ExperimentPlan(
         experiment=cfg.name, run_id=run_id, phases=phases, arms=arms, observe_s=observe_s, ab_s=ab_s,
@@ -173,18 +161,13 @@ def describe_plan(
         "arms:",
     ]
     for a in p.arms:
+        target = target_for(a.target)
         lines += [
             f"  {a.arm} ({a.role}): target {a.target}, backend {a.backend}",
             f"    model: {a.model}",
-            f"    {'app' if a.target == 'modal' else 'where'}: {a.where}",
+            f"    {target.where_label}: {a.where}",
+            *target.describe(cfg.arm(a.arm)),
         ]
-        if a.target == "modal":
-            s = cfg.arm(a.arm).modal
-            lines += [
-                f"    GPU: {a.gpu} (tensor parallel {s.gpu_count}), ${s.gpu_cost_per_hour:.2f} per GPU-hour",
-                f"    startup timeout {s.startup_timeout_s} s, scale-down {s.scaledown_window_s} s, "
-                f"{s.max_concurrent_inputs} concurrent inputs",
-            ]
     lines += ["", "requests and estimated cost:"]
     rows = [["arm", "warmup", "observe", "A/B", "total", "startup", "held", "$/h", "est. cost"]]
     for a in p.arms:
@@ -202,7 +185,7 @@ def describe_plan(
         f"  observe phase {_minutes(p.observe_s)}, A/B phase {_minutes(p.ab_s)}",
         f"  start-up: Modal {_minutes(p.modal_startup_s)}, local {_minutes(p.local_startup_s)}",
     ]
-    if any(a.target == "modal" for a in p.arms):
+    if any(target_for(a.target).slow_start for a in p.arms):
         lines += [
             "  if every Modal start takes its whole startup timeout (a first start",
             f"  downloads the weights): ${p.slow_start_cost_usd:.2f}",

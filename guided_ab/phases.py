@@ -7,16 +7,18 @@ can be re-run alone with a run id. Prefect flows (flows/) call these through thi
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from guided_ab.arms.base import Endpoint
-from guided_ab.arms.targets import prepare_arm, start_arm, stop_endpoint, wait_arm
-from guided_ab.config import ConfigError, DecisionOverrides, ExperimentConfig
+from guided_ab.arms.targets import prepare_arm, start_arm, stop_endpoint, target_for, wait_arm
+from guided_ab.config import DecisionOverrides, ExperimentConfig
+from guided_ab.errors import PhaseInterrupted as PhaseInterrupted  # defined here before guided_ab.errors
+from guided_ab.errors import RunStateError
 from guided_ab.load.runner import PhaseResult, Progress, run_plan
 from guided_ab.plan import Plan, make_plan
 from guided_ab.store import RunStore
@@ -35,7 +37,7 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
     # (an arm's requests never slow the other's, and the two requests of a pair can run at
     # once); with fewer cores than arms they share all cores and start one after the other
     # (at once, their start-up threads would fight for the CPUs: several times slower).
-    local_arms = [a.name for a in cfg.arms if a.target == "local"]
+    local_arms = [a.name for a in cfg.arms if target_for(a.target).shares_local_cores]
     own_core = 1 < len(local_arms) <= (os.cpu_count() or 1)
     cores = {name: str(i) for i, name in enumerate(local_arms)} if own_core else {}
     for arm in cfg.arms:
@@ -46,7 +48,7 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
             + (f" on core {cores[arm.name]}" if arm.name in cores else ""))
         endpoints[arm.name] = ep = start_arm(arm, store, cores=cores.get(arm.name))
         save_endpoints(store, endpoints)
-        if ep.target == "local" and not own_core:
+        if target_for(ep.target).shares_local_cores and not own_core:
             t0 = time.monotonic()
             wait_arm(ep, cfg.server_start_timeout_s)
             started_locally[arm.name] = time.monotonic() - t0
@@ -61,9 +63,7 @@ def wait_endpoints(cfg: ExperimentConfig, store: RunStore, endpoints: dict[str, 
     # local arms that start_endpoints already waited for (one after the other): their start-up time
     started_before = store.read_json("startup.json", default={})
     for name, ep in endpoints.items():
-        deadline = cfg.server_start_timeout_s
-        if ep.target == "modal":  # a large model's cold start may exceed the generic deadline
-            deadline = max(deadline, cfg.arm(name).modal.startup_timeout_s)
+        deadline = target_for(ep.target).start_deadline(cfg, name)  # Modal: its (longer) startup timeout
         waited[name] = wait_arm(ep, deadline) + started_before.get(name, 0.0)
         log(f"arm '{name}' ready at {ep.base_url} after {waited[name]:.1f} s")
     store.write_json("deploy.json", {"ready_after_s": waited, "at": time.time()})
@@ -78,7 +78,7 @@ def load_endpoints(store: RunStore, *, missing_ok: bool = False) -> dict[str, En
     if not store.has("endpoints.json"):
         if missing_ok:
             return {}
-        raise ConfigError(f"run {store.run_id} has no endpoints.json: run the deploy phase first")
+        raise RunStateError(f"run {store.run_id} has no endpoints.json: run the deploy phase first")
     return {k: Endpoint.model_validate(v) for k, v in store.read_json("endpoints.json").items()}
 
 
@@ -116,7 +116,8 @@ def _warmups(n: int) -> list[WorkItem]:
     return [WARMUP_ITEM.model_copy(update={"schema_id": f"warmup-{i}"}) for i in range(n)]
 
 
-def planned_counts(plans: dict[str, Plan]) -> dict[str, dict[str, int]]:
+def plan_arm_counts(plans: dict[str, Plan]) -> dict[str, dict[str, int]]:
+    """phase -> arm -> requests planned: what evaluate's accounting compares the records with."""
     out: dict[str, dict[str, int]] = {}
     for phase, plan in plans.items():
         counts: dict[str, int] = {}
@@ -127,10 +128,6 @@ def planned_counts(plans: dict[str, Plan]) -> dict[str, dict[str, int]]:
 
 
 # -- observe / A/B -----------------------------------------------------------------------------
-class PhaseInterrupted(RuntimeError):
-    """The phase was stopped (Ctrl-C, cancellation) before its plan was done; re-run to resume."""
-
-
 def run_requests(
     cfg: ExperimentConfig, store: RunStore, phase: str, progress: Progress | None = None,
     stop: threading.Event | None = None,
@@ -144,7 +141,8 @@ def run_requests(
     endpoints = load_endpoints(store)
     missing = sorted(set(plan.arms) - set(endpoints))
     if missing:
-        raise ConfigError(f"run {store.run_id}: no endpoint for arm(s) {missing}; re-run the deploy phase")
+        raise RunStateError(f"run {store.run_id}: no endpoint for arm(s) {missing}; re-run the deploy phase")
+    runner: Callable[[Coroutine[Any, Any, PhaseResult]], PhaseResult]
     try:
         import uvloop
 
@@ -178,7 +176,7 @@ def teardown(store: RunStore, log: Log = print) -> list[dict]:
     previous = {e["arm"]: e for e in store.read_json("teardown.json", default={"arms": []}).get("arms", [])}
     entries = []
     for name, ep in endpoints.items():
-        if name in previous and previous[name].get("stopped") is not None and ep.target != "local":
+        if name in previous and previous[name].get("stopped") is not None and not target_for(ep.target).stop_again:
             entries.append(previous[name])
             continue
         entry = stop_endpoint(ep)
@@ -207,7 +205,7 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
     # accounting compares with the plans saved before any request was sent (never re-made here)
     plans = {ph: Plan.model_validate(store.read_json(f"plan-{ph}.json")) for ph in ("observe", "ab") if store.has(f"plan-{ph}.json")}
     evaluation = evaluate(
-        store.records(), cfg, planned=planned_counts(plans) if plans else None, costs=costs(store), endpoints=endpoints,
+        store.records(), cfg, planned=plan_arm_counts(plans) if plans else None, costs=costs(store), endpoints=endpoints,
     )
     store.write_json("evaluation.json", evaluation)
     return evaluation
@@ -216,7 +214,7 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
 def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> dict:
     """decision.json and report.md from evaluation.json and the (possibly overridden) rule."""
     from guided_ab.analysis.decision import decide
-    from guided_ab.reports.markdown import write_reports
+    from guided_ab.reports.files import write_reports
 
     cfg = _rule_config(store, overrides)
     evaluation = store.read_json("evaluation.json")
@@ -233,6 +231,3 @@ def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> d
 def costs(store: RunStore) -> dict[str, float]:
     return {e["arm"]: e.get("cost_usd", 0.0) for e in store.read_json("teardown.json", default={"arms": []})["arms"]}
 
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, indent=2, default=str)

@@ -9,6 +9,7 @@ requests come first, one block per arm, and are flagged so statistics exclude th
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from pydantic import BaseModel, ConfigDict
 
@@ -57,7 +58,7 @@ def make_plan(
     items: list[WorkItem],
     *,
     seed: int,
-    warmup_items: list[WorkItem] = (),
+    warmup_items: Sequence[WorkItem] = (),
     stream_share: float = 1.0,
     repeats: int = 1,
 ) -> Plan:

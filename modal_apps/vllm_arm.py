@@ -175,7 +175,7 @@ def build_arm_app(spec: ArmSpec) -> tuple[modal.App, modal.Function]:
         tags={"guided-ab-arm": spec.arm.name, "guided-ab-backend": spec.arm.backend},
     )
     web = modal.web_server(port=PORT, startup_timeout=s.startup_timeout_s)(_serve_impl)
-    function = app.function(
+    function: modal.Function = app.function(
         image=build_image(spec),
         gpu=f"{s.gpu}:{s.gpu_count}",
         volumes={
@@ -199,4 +199,5 @@ def build_app(spec: ArmSpec) -> modal.App:
 # What `modal deploy -m modal_apps.vllm_arm` deploys, and what a container rebuilds on import
 # from the environment baked into its image; the container finds its function as `serve`.
 SPEC = ArmSpec.from_environment(os.environ)
-app, serve = build_arm_app(SPEC)  # noqa: F811 - `serve` becomes the Modal function wrapping _serve_impl
+# (mypy: the name `serve` is first the plain function, whose qualified name Modal keeps, then its Function)
+app, serve = build_arm_app(SPEC)  # type: ignore[assignment]  # noqa: F811 - `serve` becomes the Modal function wrapping _serve_impl

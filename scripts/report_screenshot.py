@@ -57,7 +57,7 @@ def resolve_report(run: str, store: str) -> Path:
     html = d / "report.html"
     if not html.is_file():
         sys.path.insert(0, str(REPO))
-        from guided_ab.reports.html import write_html_report
+        from guided_ab.reports.files import write_html_report
         from guided_ab.store import RunStore
 
         rs = RunStore.open(d.parent, d.name)

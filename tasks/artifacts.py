@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from guided_ab.reports.markdown import arm_rows, artifact_markdown, criteria_rows
+from guided_ab.reports.markdown import artifact_markdown
+from guided_ab.reports.model import arm_rows, criteria_rows
 from guided_ab.store import RunStore
 
 

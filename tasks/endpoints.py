@@ -22,6 +22,8 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore) -> list[str]:
     return list(endpoints)
 
 
+# An arm still cold-starting (or refusing connections) at its deadline raises ArmNotReady, which is
+# transient: the task waits again, for every arm. A refused key or a dead local server is not retried.
 @task(
     name="wait-endpoints", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_jitter_factor=0.5, retry_condition_fn=retry_if_transient,

@@ -6,6 +6,8 @@ from __future__ import annotations
 import concurrent.futures
 import threading
 from collections import Counter
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -30,14 +32,14 @@ def _describe(done: int, total: int, outcomes: Counter) -> str:
 def send_requests(cfg: ExperimentConfig, store: RunStore, phase: str) -> dict:
     """Send the rest of the phase's plan (a re-run resumes: recorded requests are not re-sent)."""
     log = get_run_logger()
-    state = {"done": 0, "total": 0, "outcomes": Counter()}
-    bar = console_progress.Bar()
+    state: dict[str, Any] = {"done": 0, "total": 0, "outcomes": Counter()}
 
-    def progress(done: int, total: int, outcomes: Counter) -> None:
+    def progress(done: int, total: int, outcomes: Counter) -> None:  # called from the requests' thread
         state.update(done=done, total=total, outcomes=Counter(outcomes))
-        bar.update(done, total, outcomes)
+        bar.update(done, total, outcomes)  # the terminal's bar, opened below before the requests start
 
-    art = create_progress_artifact(0.0, key=f"{cfg.name}-{phase}-progress", description=f"{phase}: starting")
+    # a sync task gets the artifact's id (the type says "or a coroutine": prefect's sync/async API)
+    art = cast(UUID, create_progress_artifact(0.0, key=f"{cfg.name}-{phase}-progress", description=f"{phase}: starting"))
     last_logged = -1
     stop = threading.Event()
     pool = concurrent.futures.ThreadPoolExecutor(1)

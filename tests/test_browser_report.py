@@ -244,7 +244,7 @@ def http_root(finished_run):
 
 # -- tests -----------------------------------------------------------------------------------------
 def test_html_report_renders_in_chromium(finished_run, http_root, browser):
-    from guided_ab.reports.markdown import VERDICT_TEXT
+    from guided_ab.reports.format import VERDICT_TEXT
 
     decision = finished_run.read_json("decision.json")
     evaluation = finished_run.read_json("evaluation.json")

@@ -3,7 +3,7 @@
 Each selfcheck scenario runs here as one test through the real pipeline code (see
 guided_ab/selfcheck/scenarios.py for what each checks: exactly one record per planned request, the right
 outcome class per arm, a resumable phase, endpoints torn down). The tests below them pin the
-fault server's classes one by one, for both HTTP clients the pipeline accepts.
+fault server's classes one by one, through the pipeline's HTTP client (load.client.send_chat).
 """
 
 from __future__ import annotations
@@ -82,10 +82,9 @@ EXPECTED = {
 }
 
 
-async def _each_mode(url: str, key: str, use_httpx: bool) -> list[tuple[str, bool, str, object]]:
+async def _each_mode(url: str, key: str) -> list[tuple[str, bool, str, object]]:
     out = []
-    client = httpx.AsyncClient() if use_httpx else new_session(4)
-    async with client as http:
+    async with new_session(4) as http:
         for mode in MODES:
             for stream in (False, True):
                 body = chat_body("m", "p", SCHEMA, name=f"case/fault-{mode}", temperature=0, max_tokens=16, stream=stream)
@@ -96,10 +95,9 @@ async def _each_mode(url: str, key: str, use_httpx: bool) -> list[tuple[str, boo
     return out
 
 
-@pytest.mark.parametrize("use_httpx", [False, True], ids=["aiohttp", "httpx"])
-def test_every_fault_mode_gets_its_class_streaming_or_not(use_httpx):
+def test_every_fault_mode_gets_its_class_streaming_or_not():
     with FaultServer("healthy", api_key="k", storm_requests=10**6, stall_s=5, trickle_s=0.02) as srv:
-        results = asyncio.run(_each_mode(srv.url, "k", use_httpx))
+        results = asyncio.run(_each_mode(srv.url, "k"))
     for mode, stream, outcome, raw in results:
         assert outcome == EXPECTED[mode], (mode, stream, raw)
         if outcome == "success":

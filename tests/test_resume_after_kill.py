@@ -65,7 +65,7 @@ def test_kill_flow_process_mid_ab_then_resume_exactly_once(tmp_path):
     # answered normally (the fault server's filler may miss a pattern: schema_violation is fine here)
     bad = Counter((r.outcome, r.error) for r in records if r.outcome not in ("success", "schema_violation"))
     assert not bad, bad
-    sent = Counter(Path(store.path("records", "ab.sent")).read_text().split())
+    sent = store.sent_counts("ab")
     # requests in flight at the kill were sent twice and recorded once, as attempt 2
     for r in records:
         assert r.attempt == sent[r.request_id]

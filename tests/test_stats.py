@@ -7,12 +7,14 @@ import math
 
 import numpy as np
 import pytest
+import stats_reference as R
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import NormalIndPower
 
+from guided_ab.analysis import bootstrap as BS
 from guided_ab.analysis import stats as S
 from guided_ab.analysis.evaluation import evaluate
 from guided_ab.analysis.simulate import planned_counts, synthetic_config, synthetic_records
@@ -44,7 +46,7 @@ def test_wilson_textbook(x, n, lo, hi):
     ],
 )
 def test_newcombe_independent_textbook(x1, n1, x0, n0, lo, hi):
-    iv = S.newcombe_diff_independent(x1, n1, x0, n0)
+    iv = R.newcombe_diff_independent(x1, n1, x0, n0)
     assert iv.ci_low == pytest.approx(lo, abs=5e-5)
     assert iv.ci_high == pytest.approx(hi, abs=5e-5)
 
@@ -60,7 +62,7 @@ def test_newcombe_paired_textbook():
 
 def test_paired_interval_narrower_than_independent_when_outcomes_agree():
     paired = S.newcombe_diff_paired(300, 5, 25, 70)  # strongly concordant pairs
-    indep = S.newcombe_diff_independent(305, 400, 325, 400)
+    indep = R.newcombe_diff_independent(305, 400, 325, 400)
     assert paired.estimate == pytest.approx(indep.estimate)
     assert (paired.ci_high - paired.ci_low) < (indep.ci_high - indep.ci_low)
 
@@ -74,7 +76,7 @@ def test_intervals_contain_their_estimate(a, b, c, d):
         return
     for iv, lo, hi in (
         (S.newcombe_diff_paired(a, b, c, d), -1, 1),
-        (S.newcombe_diff_independent(a + b, n, a + c, n), -1, 1),
+        (R.newcombe_diff_independent(a + b, n, a + c, n), -1, 1),
         (S.wilson(a + b, n), 0, 1),
     ):
         assert lo - 1e-12 <= iv.ci_low <= iv.estimate + 1e-12
@@ -93,14 +95,14 @@ def test_order_statistic_bootstrap_matches_brute_force():
     rng = np.random.default_rng(1)
     x = np.sort(rng.lognormal(0, 1, 101))
     for q in (0.5, 0.95, 0.99):
-        fast = S.bootstrap_quantile_draws(x, q, 40_000, rng)
+        fast = BS.bootstrap_quantile_draws(x, q, 40_000, rng)
         brute = np.quantile(x[rng.integers(0, x.size, (40_000, x.size))], q, axis=1)
         assert sps.ks_2samp(fast, brute).pvalue > 1e-3
         assert np.quantile(fast, [0.025, 0.975]) == pytest.approx(np.quantile(brute, [0.025, 0.975]), rel=0.02)
 
 
 def _engine_counts(n: int, B: int, seed: int) -> np.ndarray:
-    eng = S.CountBootstrap(n, B, np.random.default_rng(seed))
+    eng = BS.CountBootstrap(n, B, np.random.default_rng(seed))
     step = max(1, min(B, eng.max_cells // n))
     return np.vstack([eng._counts(min(step, B - s)) for s in range(0, B, step)])
 
@@ -112,7 +114,7 @@ def test_count_engine_equals_quantiles_of_explicit_resamples(n):
     b = a * rng.lognormal(0, 0.2, n)
     valid = rng.random(n) < 0.9
     B = 40
-    eng = S.CountBootstrap(n, B, np.random.default_rng(7))
+    eng = BS.CountBootstrap(n, B, np.random.default_rng(7))
     h = eng.quantiles(b, valid, (0.5, 0.95, 0.99))
     col = eng.column(np.where(valid, b, 0.0))
     sums, qd = eng.run()
@@ -126,7 +128,7 @@ def test_count_engine_equals_quantiles_of_explicit_resamples(n):
 def test_count_engine_fallback_outside_the_window_is_exact():
     n, B = 5000, 30
     x = np.random.default_rng(3).normal(size=n)
-    eng = S.CountBootstrap(n, B, np.random.default_rng(4))
+    eng = BS.CountBootstrap(n, B, np.random.default_rng(4))
     h = eng.quantiles(x, np.ones(n, bool), (0.5,))
     spec = eng._specs[h]
     # shrink the window to a few positions so that most resamples fall outside it
@@ -142,7 +144,7 @@ def test_count_engine_fallback_outside_the_window_is_exact():
 
 def test_bootstrap_summary_agrees_with_scipy_bootstrap():
     x = np.random.default_rng(5).lognormal(0, 0.6, 300)
-    ours = S.bootstrap_summary(x, resamples=5000, seed=1)
+    ours = R.bootstrap_summary(x, resamples=5000, seed=1)
     for name, stat in (("mean", np.mean), ("p50", np.median)):
         ref = sps.bootstrap((x,), stat, vectorized=True, n_resamples=5000, method="percentile",
                             random_state=np.random.default_rng(2)).confidence_interval
@@ -156,7 +158,7 @@ def test_paired_ratio_bootstrap_agrees_with_scipy_paired_bootstrap():
     rng = np.random.default_rng(6)
     base = rng.lognormal(0, 0.5, 400)
     ctrl, cand = base * rng.lognormal(0, 0.2, 400), 0.8 * base * rng.lognormal(0, 0.2, 400)
-    ours = S.paired_ratio_bootstrap(ctrl, cand, resamples=5000, seed=3)
+    ours = R.paired_ratio_bootstrap(ctrl, cand, resamples=5000, seed=3)
 
     def ratio_p50(a, b, axis=-1):
         return np.median(b, axis=axis) / np.median(a, axis=axis)
@@ -172,7 +174,7 @@ def test_paired_ratio_bootstrap_agrees_with_scipy_paired_bootstrap():
 
 def test_coefficient_of_variation():
     x = np.random.default_rng(8).lognormal(0, 0.4, 2000)
-    iv = S.coefficient_of_variation(x, resamples=2000, seed=0)
+    iv = R.coefficient_of_variation(x, resamples=2000, seed=0)
     assert iv.estimate == pytest.approx(np.std(x, ddof=1) / np.mean(x))
     true_cv = math.sqrt(math.exp(0.4**2) - 1)
     assert iv.ci_low < true_cv < iv.ci_high

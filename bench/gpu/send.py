@@ -32,7 +32,7 @@ def main() -> int:
             print(f"{name} is {int(size) / 2**20:.1f} MiB: too large for one call (PIECE_MIB)", file=sys.stderr)
             return 2
     calls = []
-    for i, (name, size) in enumerate(pieces):
+    for i, (name, _size) in enumerate(pieces):
         last = i == len(pieces) - 1
         calls.append({
             "carry": [f".gpu-pieces/{name}"],

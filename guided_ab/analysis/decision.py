@@ -34,6 +34,7 @@ they never change the verdict.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from guided_ab.analysis import stats as S
@@ -92,160 +93,244 @@ def _judge_lower(iv: dict, bound: float) -> str:
     return "unclear"
 
 
-def _more_pairs(effect: float | None, sd_unit: float | None, n: int, alpha: float, power: float) -> int | None:
-    if effect is None or sd_unit is None:
-        return None
-    total = S.n_needed(effect, sd_unit, alpha, power)
-    return None if total is None else max(0, total - n)
+# -- one candidate: the steps of the rule ---------------------------------------------------------
+@dataclass(frozen=True)
+class _Comparison:
+    """The parts of one candidate's comparison with the control that the rule reads."""
+
+    cand: str
+    control: str
+    n: int  # pairs in which both arms have a record
+    n_lat: int  # pairs in which both arms answered
+    succ: dict  # success-rate difference candidate - control, with its interval
+    p50: dict  # p50 latency ratio candidate / control
+    cvr: dict  # latency CV ratio candidate / control
+    comp: dict  # the whole comparison
+    alpha: float  # the level the intervals were computed at
+    power: float
+
+    @classmethod
+    def read(cls, ev: dict, cand: str, rule: DecisionRule) -> _Comparison:
+        comp = ev["comparisons"][cand]
+        return cls(
+            cand=cand, control=comp["control"], n=int(comp["n_pairs"]), n_lat=int(comp["latency"]["n_pairs"]),
+            succ=comp["success"]["diff"], p50=comp["latency"]["ratio_p50"], cvr=comp["cv_ratio"], comp=comp,
+            alpha=float(ev.get("settings", {}).get("alpha", rule.alpha)), power=float(rule.power),
+        )
+
+
+@dataclass(frozen=True)
+class _Guardrails:
+    """Each guardrail's verdict (met / not met / unclear) against its bound, and its criterion."""
+
+    verdicts: dict[str, str]  # success, latency, variability
+    bounds: dict[str, float]
+    more: dict[str, int | None]  # pairs beyond the current n that would settle it
+    criteria: list[dict]
+
+
+@dataclass(frozen=True)
+class _Primary:
+    """The primary criteria: a gain on any one (faster, more successful, cheaper) can earn a switch."""
+
+    faster: bool
+    better: bool
+    cheaper: bool
+    p_latency: float | None  # Holm-adjusted
+    p_success: float | None
+    cost_control: float | None  # USD per 1k successful requests
+    cost_candidate: float | None
+    criteria: list[dict]
+
+    @property
+    def gains(self) -> list[str]:
+        return [g for g, ok in (("faster", self.faster), ("more successful", self.better), ("cheaper", self.cheaper)) if ok]
 
 
 def _candidate(ev: dict, cand: str, rule: DecisionRule) -> dict:
-    comp = ev["comparisons"][cand]
-    alpha = float(ev.get("settings", {}).get("alpha", rule.alpha))  # the intervals' level
-    power = float(rule.power)
-    control = comp["control"]
-    n = int(comp["n_pairs"])
-    n_lat = int(comp["latency"]["n_pairs"])
-    succ = comp["success"]["diff"]
-    p50 = comp["latency"]["ratio_p50"]
-    cvr = comp["cv_ratio"]
-    p_holm = comp.get("p_holm", {})
-    crits: list[dict] = []
+    """The rule for one candidate: guardrails, primary criteria, informational criteria, verdict."""
+    c = _Comparison.read(ev, cand, rule)
+    guards = _guardrails(c, rule)
+    primary = _primary(ev, c)
+    verdict, reasons, pairs_needed = _verdict(c, guards, primary)
+    mde = c.comp.get("mde", {})
+    if verdict == "inconclusive":
+        reasons.append(
+            f"minimum detectable effect at n={c.n} pairs (power {c.power:.0%}): success difference "
+            f"{_fmt_abs(mde.get('success_diff'))}, p50 latency ratio change {_fmt_abs(mde.get('latency_p50_ratio'))}"
+        )
+    return {"verdict": verdict, "reasons": reasons, "criteria": guards.criteria + primary.criteria + _informational(ev, c, rule),
+            "pairs_needed": pairs_needed, "mde": mde, "n_pairs": c.n, "p50_ratio": c.p50.get("estimate")}
 
-    # guardrails
-    s_bound = -float(rule.success_margin)
-    l_bound = 1 + float(rule.latency_margin)
-    c_bound = float(rule.max_cv_ratio)
-    g_success = _judge_lower(succ, s_bound)
-    g_latency = _judge_upper(p50, l_bound)
-    g_cv = _judge_upper(cvr, c_bound, strict=False)
+
+def _guardrails(c: _Comparison, rule: DecisionRule) -> _Guardrails:
+    """Success, latency and variability judged on their intervals against the rule's margins."""
+    bounds = {"success": -float(rule.success_margin), "latency": 1 + float(rule.latency_margin),
+              "variability": float(rule.max_cv_ratio)}
+    verdicts = {
+        "success": _judge_lower(c.succ, bounds["success"]),
+        "latency": _judge_upper(c.p50, bounds["latency"]),
+        "variability": _judge_upper(c.cvr, bounds["variability"], strict=False),
+    }
+    more = _more_pairs_estimate(c, bounds)
+    criteria = [
+        _crit(name, "guardrail", c.cand, iv, bounds[g], verdicts[g], metric=metric,
+              pairs_needed=more[g] if verdicts[g] == "unclear" else 0)
+        for g, name, iv, metric in (
+            ("success", "success_noninferiority", c.succ, "success rate difference (candidate - control)"),
+            ("latency", "latency_p50_noninferiority", c.p50, "p50 latency ratio (candidate / control)"),
+            ("variability", "variability_cv_ratio", c.cvr, "latency CV ratio (candidate / control)"),
+        )
+    ]
+    return _Guardrails(verdicts, bounds, more, criteria)
+
+
+def _more_pairs_estimate(c: _Comparison, bounds: dict[str, float]) -> dict[str, int | None]:
+    """Per guardrail, the pairs beyond the current n at which its interval would clear the margin
+    with the configured power, if the current estimate were the truth (normal approximation; None
+    when there is nothing to extrapolate from or the estimate sits on the margin)."""
+
+    def more(effect: float | None, sd_unit: float | None, n: int) -> int | None:
+        if effect is None or sd_unit is None:
+            return None
+        total = S.n_needed(effect, sd_unit, c.alpha, c.power)
+        return None if total is None else max(0, total - n)
 
     def log_effect(iv: dict, bound: float) -> float | None:
         e = iv.get("estimate")
         return None if e is None or e <= 0 else math.log(e) - math.log(bound)
 
-    more = {
-        "success": _more_pairs(None if succ.get("estimate") is None else succ["estimate"] - s_bound,
-                               comp["success"].get("sd_unit"), n, alpha, power),
-        "latency": _more_pairs(log_effect(p50, l_bound), comp["latency"].get("sd_log_unit"), n_lat, alpha, power),
-        "variability": _more_pairs(log_effect(cvr, c_bound), cvr.get("sd_log_unit"), n_lat, alpha, power),
+    succ_est = c.succ.get("estimate")
+    return {
+        "success": more(None if succ_est is None else succ_est - bounds["success"], c.comp["success"].get("sd_unit"), c.n),
+        "latency": more(log_effect(c.p50, bounds["latency"]), c.comp["latency"].get("sd_log_unit"), c.n_lat),
+        "variability": more(log_effect(c.cvr, bounds["variability"]), c.cvr.get("sd_log_unit"), c.n_lat),
     }
-    crits.append(_crit("success_noninferiority", "guardrail", cand, succ, s_bound, g_success,
-                       metric="success rate difference (candidate - control)",
-                       pairs_needed=more["success"] if g_success == "unclear" else 0))
-    crits.append(_crit("latency_p50_noninferiority", "guardrail", cand, p50, l_bound, g_latency,
-                       metric="p50 latency ratio (candidate / control)",
-                       pairs_needed=more["latency"] if g_latency == "unclear" else 0))
-    crits.append(_crit("variability_cv_ratio", "guardrail", cand, cvr, c_bound, g_cv,
-                       metric="latency CV ratio (candidate / control)",
-                       pairs_needed=more["variability"] if g_cv == "unclear" else 0))
 
-    # primary: faster, more successful, or cheaper
-    a_lat = p_holm.get("latency")
-    a_succ = p_holm.get("success")
-    lat_v = _judge_upper(p50, 1.0)
-    faster = lat_v == "met" and a_lat is not None and a_lat < alpha
+
+def _primary(ev: dict, c: _Comparison) -> _Primary:
+    """Faster (p50 ratio ci_high < 1) or more successful (difference ci_low > 0), each also significant
+    after Holm; or cheaper per 1k successful requests."""
+    p_holm = c.comp.get("p_holm", {})
+    a_lat, a_succ = p_holm.get("latency"), p_holm.get("success")
+    lat_v = _judge_upper(c.p50, 1.0)
+    faster = lat_v == "met" and a_lat is not None and a_lat < c.alpha
     if lat_v == "met" and not faster:
         lat_v = "unclear"
-    succ_v = _judge_lower(succ, 0.0)
-    better = succ_v == "met" and a_succ is not None and a_succ < alpha
+    succ_v = _judge_lower(c.succ, 0.0)
+    better = succ_v == "met" and a_succ is not None and a_succ < c.alpha
     if succ_v == "met" and not better:
         succ_v = "unclear"
-    crits.append(_crit("latency_p50_superiority", "primary", cand, p50, 1.0, lat_v, p_holm=S.num(a_lat),
-                       metric="p50 latency ratio (candidate / control) < 1"))
-    crits.append(_crit("success_superiority", "primary", cand, succ, 0.0, succ_v, p_holm=S.num(a_succ),
-                       metric="success rate difference > 0"))
-    ck = ev["arms"].get(control, {}).get("cost", {}).get("per_1k_success")
-    cc = ev["arms"].get(cand, {}).get("cost", {}).get("per_1k_success")
+    ck = ev["arms"].get(c.control, {}).get("cost", {}).get("per_1k_success")
+    cc = ev["arms"].get(c.cand, {}).get("cost", {}).get("per_1k_success")
     if ck is None or cc is None or (ck == 0 and cc == 0):
         cost_v, cheaper = "info", False
     else:
         cheaper = cc < ck
         cost_v = "met" if cheaper else "not met"
-    crits.append(_crit("cost_per_1k_success", "primary", cand, {"estimate": cc}, ck, cost_v,
-                       metric="USD per 1k successful requests (margin = the control's)"))
+    criteria = [
+        _crit("latency_p50_superiority", "primary", c.cand, c.p50, 1.0, lat_v, p_holm=S.num(a_lat),
+              metric="p50 latency ratio (candidate / control) < 1"),
+        _crit("success_superiority", "primary", c.cand, c.succ, 0.0, succ_v, p_holm=S.num(a_succ),
+              metric="success rate difference > 0"),
+        _crit("cost_per_1k_success", "primary", c.cand, {"estimate": cc}, ck, cost_v,
+              metric="USD per 1k successful requests (margin = the control's)"),
+    ]
+    return _Primary(faster, better, cheaper, a_lat, a_succ, ck, cc, criteria)
 
-    # informational: backend share and equivalence
-    share = ev["arms"].get(cand, {}).get("backend", {})
+
+def _informational(ev: dict, c: _Comparison, rule: DecisionRule) -> list[dict]:
+    """Backend share (A/B, else the observe phase) and TOST equivalence: reported, never deciding."""
+    share = ev["arms"].get(c.cand, {}).get("backend", {})
     share_iv = share.get("share", {})
     if not share.get("n_known"):
-        share_iv = ev.get("observe", {}).get("arms", {}).get(cand, {}).get("backend_share", share_iv)
-    crits.append(_crit("backend_share", "informational", cand, share_iv, float(rule.backend_share_min),
-                       _judge_lower(share_iv, float(rule.backend_share_min)) if share_iv.get("ci_low") is not None
-                       else "unclear", metric=f"share of requests resolved to '{rule.expected_backend}'"))
-    tost = comp["latency"].get("tost", {})
-    gmr = tost.get("geometric_mean_ratio", {})
-    crits.append(_crit("latency_equivalence", "informational", cand, gmr, tost.get("margin"), "info",
-                       pvalue=S.num(tost.get("pvalue")), equivalent=tost.get("equivalent"),
-                       metric="geometric-mean latency ratio, TOST on log latency"))
+        share_iv = ev.get("observe", {}).get("arms", {}).get(c.cand, {}).get("backend_share", share_iv)
+    floor = float(rule.backend_share_min)
+    tost = c.comp["latency"].get("tost", {})
+    return [
+        _crit("backend_share", "informational", c.cand, share_iv, floor,
+              _judge_lower(share_iv, floor) if share_iv.get("ci_low") is not None else "unclear",
+              metric=f"share of requests resolved to '{rule.expected_backend}'"),
+        _crit("latency_equivalence", "informational", c.cand, tost.get("geometric_mean_ratio", {}), tost.get("margin"),
+              "info", pvalue=S.num(tost.get("pvalue")), equivalent=tost.get("equivalent"),
+              metric="geometric-mean latency ratio, TOST on log latency"),
+    ]
 
-    # verdict
-    guards = {"success": g_success, "latency": g_latency, "variability": g_cv}
-    gains = [g for g, ok in (("faster", faster), ("more successful", better), ("cheaper", cheaper)) if ok]
-    desc = {
-        "success": f"success difference {_ci(succ, pct=True)} vs margin {s_bound:+.1%}",
-        "latency": f"p50 latency ratio {_ci(p50)} vs margin {l_bound:.3f}",
-        "variability": f"latency CV ratio {_ci(cvr)} vs max {c_bound:.3f}",
-    }
-    reasons: list[str] = []
-    pairs_needed = 0
-    failed = [g for g, v in guards.items() if v == "not met"]
-    unclear = [g for g, v in guards.items() if v == "unclear"]
-    regress = []
-    if (succ.get("ci_high") is not None) and succ["ci_high"] < 0:
-        regress.append(f"less successful ({_ci(succ, pct=True)})")
-    if (p50.get("ci_low") is not None) and p50["ci_low"] > 1:
-        regress.append(f"slower (p50 ratio {_ci(p50)})")
-    if (cvr.get("ci_low") is not None) and cvr["ci_low"] > 1:
-        regress.append(f"more variable (CV ratio {_ci(cvr)})")
+
+# -- one candidate: the verdict and its text -------------------------------------------------------
+def _verdict(c: _Comparison, guards: _Guardrails, primary: _Primary) -> tuple[str, list[str], int | None]:
+    """(verdict, reasons, pairs needed) for one candidate, as in the module docstring's step 4."""
+    desc = _guardrail_text(c, guards.bounds)
+    failed = [g for g, v in guards.verdicts.items() if v == "not met"]
+    unclear = [g for g, v in guards.verdicts.items() if v == "unclear"]
+    gains = primary.gains
     if failed:
-        verdict = "keep"
-        reasons += [f"'{cand}' is worse than the margin allows: {desc[g]}" for g in failed]
-    elif not unclear:
+        return "keep", [f"'{c.cand}' is worse than the margin allows: {desc[g]}" for g in failed], 0
+    if not unclear:
         if gains:
-            verdict = "switch"
-            reasons.append(f"'{cand}' is non-inferior on every guardrail and {' and '.join(gains)} than '{control}'")
-            if faster:
-                reasons.append(f"faster: p50 ratio {_ci(p50)}, Holm-adjusted Wilcoxon p={_fmt_p(a_lat)}")
-            if better:
-                reasons.append(f"more successful: difference {_ci(succ, pct=True)}, Holm-adjusted McNemar p={_fmt_p(a_succ)}")
-            if cheaper:
-                reasons.append(f"cheaper: {_fmt(cc)} vs {_fmt(ck)} USD per 1k successful requests")
-        else:
-            verdict = "keep"
-            reasons.append(
-                f"'{cand}' meets every guardrail but shows no demonstrated gain (p50 ratio {_ci(p50)}, "
-                f"success difference {_ci(succ, pct=True)}, not cheaper): the control stays"
-            )
-    elif regress and not gains:
-        verdict = "keep"
-        reasons.append(f"'{cand}' is demonstrably {' and '.join(regress)} than '{control}' with no demonstrated gain")
-        reasons += [f"unclear against its margin (would need more data): {desc[g]}" for g in unclear]
-    else:
-        verdict = "inconclusive"
-        ivs = {"success": succ, "latency": p50, "variability": cvr}
-        for g in unclear:
-            k = more[g]
-            if ivs[g].get("ci_low") is None or ivs[g].get("ci_high") is None:
-                reasons.append(f"{desc[g]}: no interval at n={n} pairs (too few pairs or values)")
-                continue
-            tail = (f"about {k} more pairs would settle it" if k is not None
-                    else "more pairs cannot settle it while the estimate sits on the margin")
-            reasons.append(f"{desc[g]}: the interval straddles the margin; {tail}")
-        ks = [more[g] for g in unclear if more[g] is not None]
-        pairs_needed = max(ks) if ks else None  # None: no interval yet to extrapolate from
-        if gains:
-            reasons.append(f"a gain is demonstrated ({' and '.join(gains)}), the guardrails are not yet")
-    mde = comp.get("mde", {})
-    if verdict == "inconclusive":
-        reasons.append(
-            f"minimum detectable effect at n={n} pairs (power {power:.0%}): success difference "
-            f"{_fmt_abs(mde.get('success_diff'))}, p50 latency ratio change {_fmt_abs(mde.get('latency_p50_ratio'))}"
-        )
-    return {"verdict": verdict, "reasons": reasons, "criteria": crits, "pairs_needed": pairs_needed, "mde": mde,
-            "n_pairs": n, "p50_ratio": p50.get("estimate")}
+            return "switch", _switch_reasons(c, primary), 0
+        return "keep", [
+            f"'{c.cand}' meets every guardrail but shows no demonstrated gain (p50 ratio {_ci(c.p50)}, "
+            f"success difference {_ci(c.succ, pct=True)}, not cheaper): the control stays"
+        ], 0
+    regress = _regressions(c)
+    if regress and not gains:
+        reasons = [f"'{c.cand}' is demonstrably {' and '.join(regress)} than '{c.control}' with no demonstrated gain"]
+        return "keep", reasons + [f"unclear against its margin (would need more data): {desc[g]}" for g in unclear], 0
+    reasons = _unclear_reasons(c, guards, unclear, desc)
+    ks = [m for g in unclear if (m := guards.more[g]) is not None]
+    if gains:
+        reasons.append(f"a gain is demonstrated ({' and '.join(gains)}), the guardrails are not yet")
+    return "inconclusive", reasons, (max(ks) if ks else None)  # None: no interval yet to extrapolate from
 
 
+def _guardrail_text(c: _Comparison, bounds: dict[str, float]) -> dict[str, str]:
+    return {
+        "success": f"success difference {_ci(c.succ, pct=True)} vs margin {bounds['success']:+.1%}",
+        "latency": f"p50 latency ratio {_ci(c.p50)} vs margin {bounds['latency']:.3f}",
+        "variability": f"latency CV ratio {_ci(c.cvr)} vs max {bounds['variability']:.3f}",
+    }
+
+
+def _switch_reasons(c: _Comparison, p: _Primary) -> list[str]:
+    reasons = [f"'{c.cand}' is non-inferior on every guardrail and {' and '.join(p.gains)} than '{c.control}'"]
+    if p.faster:
+        reasons.append(f"faster: p50 ratio {_ci(c.p50)}, Holm-adjusted Wilcoxon p={_fmt_p(p.p_latency)}")
+    if p.better:
+        reasons.append(f"more successful: difference {_ci(c.succ, pct=True)}, Holm-adjusted McNemar p={_fmt_p(p.p_success)}")
+    if p.cheaper:
+        reasons.append(f"cheaper: {_fmt(p.cost_candidate)} vs {_fmt(p.cost_control)} USD per 1k successful requests")
+    return reasons
+
+
+def _regressions(c: _Comparison) -> list[str]:
+    """Guardrail metrics on which the candidate is demonstrably worse than the control (the interval
+    entirely on the worse side of no difference)."""
+    regress = []
+    if (c.succ.get("ci_high") is not None) and c.succ["ci_high"] < 0:
+        regress.append(f"less successful ({_ci(c.succ, pct=True)})")
+    if (c.p50.get("ci_low") is not None) and c.p50["ci_low"] > 1:
+        regress.append(f"slower (p50 ratio {_ci(c.p50)})")
+    if (c.cvr.get("ci_low") is not None) and c.cvr["ci_low"] > 1:
+        regress.append(f"more variable (CV ratio {_ci(c.cvr)})")
+    return regress
+
+
+def _unclear_reasons(c: _Comparison, guards: _Guardrails, unclear: list[str], desc: dict[str, str]) -> list[str]:
+    ivs = {"success": c.succ, "latency": c.p50, "variability": c.cvr}
+    reasons = []
+    for g in unclear:
+        if ivs[g].get("ci_low") is None or ivs[g].get("ci_high") is None:
+            reasons.append(f"{desc[g]}: no interval at n={c.n} pairs (too few pairs or values)")
+            continue
+        k = guards.more[g]
+        tail = (f"about {k} more pairs would settle it" if k is not None
+                else "more pairs cannot settle it while the estimate sits on the margin")
+        reasons.append(f"{desc[g]}: the interval straddles the margin; {tail}")
+    return reasons
+
+
+# -- all candidates --------------------------------------------------------------------------------
 def decide(evaluation: dict, rule: DecisionRule) -> dict:
     """The verdict for an evaluation under a (possibly re-thresholded) pre-registered rule."""
     control = evaluation["control"]
@@ -257,7 +342,7 @@ def decide(evaluation: dict, rule: DecisionRule) -> dict:
     if failed:
         verdict = "invalid"
         reasons = [f"gate '{g['name']}' failed: {g['detail']}" for g in failed]
-        pairs_needed = 0
+        pairs_needed: int | None = 0
     else:
         switch = [c for c, p in per.items() if p["verdict"] == "switch"]
         inconc = [c for c, p in per.items() if p["verdict"] == "inconclusive"]

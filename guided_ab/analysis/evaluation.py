@@ -20,101 +20,173 @@ Conventions (documented here once, and repeated in `settings` of the result):
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from guided_ab.analysis import bootstrap as BS
 from guided_ab.analysis import stats as S
-from guided_ab.config import ExperimentConfig
-from guided_ab.records import OUTCOMES, RECORD_COLUMNS, TRANSIENT_OUTCOMES
+from guided_ab.analysis.gates import GateInput, validity_gates
+from guided_ab.analysis.pairs import ANSWERED_OUTCOMES, ArmPairs, Columns, dedupe_pairs
+from guided_ab.config import DecisionRule, ExperimentConfig
+from guided_ab.records import OUTCOMES, TRANSIENT_OUTCOMES
 
-ANSWERED_OUTCOMES = frozenset({"success", "truncated", "invalid_json", "schema_violation"})
-SRM_P_MIN = 0.001
+# the public names: reports read ANSWERED_OUTCOMES (defined with the pair alignment) from here
+__all__ = ["ANSWERED_OUTCOMES", "LATENCY_BASIS", "evaluate"]
+
 LATENCY_BASIS = (
     "requests that got an answer: outcome in success/truncated/invalid_json/schema_violation "
     "with the timing recorded (warm-ups excluded)"
 )
+Counts = dict[str, dict[str, dict[str, int]]]  # {phase: {arm: {"recorded", "warmup", "measured"}}}
 
 
-def _equivalence_margin(rule: Any) -> float:
-    return float(getattr(rule, "equivalence_margin", None) or rule.latency_margin)
+def _equivalence_margin(rule: DecisionRule) -> float:
+    return float(rule.equivalence_margin or rule.latency_margin)
 
 
-# -- frame preparation -----------------------------------------------------------------------------
-class _Cols:
-    """The record columns as numpy arrays (pandas indexing costs more than the statistics here)."""
+@dataclass(frozen=True)
+class _Setup:
+    """The fixed inputs of one evaluation: the config, the rule's level and resamples, the generator."""
 
-    def __init__(self, records: pd.DataFrame | None, idx: np.ndarray | None = None, base: _Cols | None = None):
-        if base is not None:
-            self.a = {k: v[idx] for k, v in base.a.items()}
-            return
-        df = records if records is not None else pd.DataFrame(columns=RECORD_COLUMNS)
-        n = len(df)
+    cfg: ExperimentConfig
+    alpha: float
+    resamples: int
+    rng: np.random.Generator
 
-        def col(name: str) -> pd.Series:
-            return df[name] if name in df.columns else pd.Series([None] * n, dtype=object)
+    @property
+    def rule(self) -> DecisionRule:
+        return self.cfg.decision
 
-        a: dict[str, np.ndarray] = {}
-        for name in ("latency_s", "ttft_s", "completion_tokens", "attempt", "sent_at"):
-            a[name] = pd.to_numeric(col(name), errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-        for name in ("warmup", "first_for_schema", "stream"):
-            a[name] = col(name).fillna(False).to_numpy(dtype=bool)
-        for name in ("phase", "arm", "outcome", "schema_id", "request_id"):
-            v = col(name).to_numpy(dtype=object, na_value=None)
-            if not all(type(x) is str for x in v.tolist()):
-                v = np.array([str(x) for x in v.tolist()], dtype=object)
-            a[name] = v
-        a["pair_index"] = pd.to_numeric(col("pair_index"), errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
-        be = col("backend").to_numpy(dtype=object).copy()
-        be[pd.isna(be)] = None
-        a["backend"] = be
-        self.a = a
+    @property
+    def control(self) -> str:
+        return self.cfg.control.name
 
-    def __len__(self) -> int:
-        return int(self.a["phase"].size)
+    @property
+    def candidates(self) -> list[str]:
+        return [a.name for a in self.cfg.candidates]
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.a[name]
-
-    def take(self, mask: np.ndarray) -> _Cols:
-        return _Cols(None, np.flatnonzero(mask) if mask.dtype == bool else mask, self)
+    @property
+    def arms(self) -> list[str]:
+        return [self.control, *self.candidates]
 
 
-class _ArmData:
-    """One arm's A/B records aligned to the pair units (NaN/False where the arm has no record)."""
+# -- evaluate --------------------------------------------------------------------------------------
+def evaluate(
+    records: pd.DataFrame,
+    cfg: ExperimentConfig,
+    *,
+    planned: dict[str, dict[str, int]] | None = None,
+    costs: dict[str, float] | None = None,
+    seed: int = 0,
+    endpoints: dict[str, dict] | None = None,
+) -> dict:
+    """Everything the decision needs, as JSON-ready plain values (None where undefined).
 
-    def __init__(self, rows: _Cols, units: np.ndarray):
-        n = units.size
-        pos = np.searchsorted(units, rows["pair_index"])
-        self.present = np.zeros(n, bool)
-        self.present[pos] = True
-        outcome = np.full(n, "", dtype=object)
-        outcome[pos] = rows["outcome"]
-        self.success = outcome == "success"
-        answered_rows = np.isin(rows["outcome"], list(ANSWERED_OUTCOMES))
+    The steps, in order (the generator is consumed in this order: the bootstrap pass, then each
+    arm's quantile draws, so one seed gives the same numbers every time):
+    1. prepare rows: `Columns.from_records` (pairs.py);
+    2. accounting: `_phase_counts`;
+    3. de-duplicate pairs and align the arms on them: `dedupe_pairs` (pairs.py);
+    4. register the bootstrap statistics and run the one pass: `_run_bootstrap`;
+    5. per-arm metrics: `_per_arm_metrics`;
+    6. observe section: `_observe_section`, `_candidate_schema_backends`;
+    7. paired comparisons: `_comparison`;
+    8. multiplicity (Holm): `_multiplicity`;
+    9. validity gates: `gates.validity_gates`.
+    """
+    rule = cfg.decision
+    s = _Setup(cfg, float(rule.alpha), int(rule.bootstrap_resamples), np.random.default_rng(seed))
+    df = Columns.from_records(records)
+    counts = _phase_counts(df)
+    data, dup_pairs = dedupe_pairs(df, s.arms)
+    draws = _run_bootstrap(s, data)
+    arms_out = _per_arm_metrics(s, df, data, draws, counts, costs or {})
+    observe = _observe_section(s, df, counts)
+    schema_backends = _candidate_schema_backends(s, df)
+    comparisons = {cand: _comparison(s, cand, data, draws, arms_out) for cand in s.candidates}
+    family = _multiplicity(comparisons, s.alpha)
+    gates = validity_gates(GateInput(
+        arms=s.arms, counts=counts, request_ids=df["request_id"], record_arms=df["arm"],
+        ab_outcomes={arm: data[arm].rows["outcome"] for arm in s.arms}, duplicated_pairs=dup_pairs,
+        comparisons=comparisons, max_error_share=rule.max_error_share, planned=planned, endpoints=endpoints,
+    ))
+    result = {
+        "experiment": cfg.name,
+        "control": s.control,
+        "candidates": s.candidates,
+        "settings": _settings(s, seed),
+        "counts": counts,
+        "arms": arms_out,
+        "observe": observe,
+        "schema_backends": schema_backends,
+        "comparisons": comparisons,
+        "multiplicity": {"method": "holm", "family": family},
+        "gates": gates,
+        "valid": all(g["passed"] for g in gates),
+    }
+    return S.jsonable(result)
 
-        def aligned(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
-            out = np.full(n, np.nan)
-            out[pos] = np.where(ok, values, np.nan)
-            return out
 
-        lat, ttft, toks = rows["latency_s"], rows["ttft_s"], rows["completion_tokens"]
-        self.latency = aligned(lat, answered_rows & np.isfinite(lat))
-        self.ttft = aligned(ttft, answered_rows & np.isfinite(ttft))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            tpot = (lat - ttft) / (toks - 1)
-            tpot_ok = answered_rows & np.isfinite(tpot) & (toks > 1) & (lat >= ttft)
-        self.tpot = aligned(tpot, tpot_ok)
-        self.first = np.zeros(n, bool)
-        self.first[pos] = rows["first_for_schema"]
-        self.stream = np.full(n, -1, np.int8)
-        self.stream[pos] = rows["stream"].astype(np.int8)
-        self.rows = rows
+def _settings(s: _Setup, seed: int) -> dict:
+    """The conventions the numbers were computed under (the module docstring, in the result)."""
+    return {
+        "alpha": s.alpha, "confidence": 1 - s.alpha, "bootstrap_resamples": s.resamples, "seed": seed,
+        "bootstrap": "percentile; pairs resampled in the A/B phase",
+        "latency_basis": LATENCY_BASIS, "equivalence_margin": _equivalence_margin(s.rule), "p99_min_n": S.P99_MIN_N,
+        "min_bootstrap_n": BS.MIN_BOOTSTRAP_N,
+        "cost_basis": "USD per arm (from the run's deploy/teardown) over the arm's successful requests "
+                      "in the whole run (all phases, warm-ups included)",
+        "power": float(s.rule.power),
+        "multiplicity": "Holm over {success (McNemar), latency (Wilcoxon)} x candidates",
+    }
 
 
-# -- per-arm metrics -------------------------------------------------------------------------------
-def _register_metric(eng: S.CountBootstrap, values: np.ndarray) -> dict:
+# -- step 2: accounting ----------------------------------------------------------------------------
+def _phase_counts(df: Columns) -> Counts:
+    """Records per phase and arm, warm-ups counted separately (the request-accounting gate compares
+    `recorded` with the plan)."""
+    counts: Counts = {}
+    for (phase, arm), k in sorted(Counter(zip(df["phase"].tolist(), df["arm"].tolist())).items()):
+        w = int(np.sum(df["warmup"][(df["phase"] == phase) & (df["arm"] == arm)]))
+        counts.setdefault(str(phase), {})[str(arm)] = {"recorded": int(k), "warmup": w, "measured": int(k - w)}
+    return counts
+
+
+# -- step 4: register bootstrap statistics ---------------------------------------------------------
+@dataclass(frozen=True)
+class _Draws:
+    """The one bootstrap pass over pairs: each statistic's registration, and the pass's output."""
+
+    per_arm: dict[str, dict[str, dict]]  # {arm: {"latency"/"ttft"/"tpot"/"first"/"repeated": registration}}
+    paired: dict[str, dict]  # {candidate: `register_paired`'s registration}
+    sums: np.ndarray  # B x registered columns
+    qdraws: list[np.ndarray]  # per registered quantile set: B x quantiles
+
+
+def _run_bootstrap(s: _Setup, data: dict[str, ArmPairs]) -> _Draws:
+    """Register every linear statistic (per-arm means and sds, first/repeated means) and every paired
+    latency ratio on one `CountBootstrap` over the pair units, and run it once, so paired ratios keep
+    their correlation and the cost is one pass."""
+    eng = BS.CountBootstrap(data[s.control].present.size, s.resamples, s.rng)
+    regs: dict[str, dict[str, dict]] = {}
+    for arm in s.arms:
+        d = data[arm]
+        regs[arm] = {m: _register_metric(eng, getattr(d, m)) for m in ("latency", "ttft", "tpot")}
+        regs[arm]["first"] = _register_subset_mean(eng, d.latency, d.first)
+        regs[arm]["repeated"] = _register_subset_mean(eng, d.latency, ~d.first)
+    paired = {}
+    for cand in s.candidates:
+        a, b = data[s.control].latency, data[cand].latency
+        paired[cand] = BS.register_paired(eng, a, b, np.isfinite(a) & np.isfinite(b))
+    sums, qdraws = eng.run()
+    return _Draws(regs, paired, sums, qdraws)
+
+
+def _register_metric(eng: BS.CountBootstrap, values: np.ndarray) -> dict:
+    """Columns for the mean and sd of one metric (centred, for numerical stability)."""
     valid = np.isfinite(values)
     center = float(values[valid].mean()) if valid.any() else 0.0
     c = np.where(valid, values - center, 0.0)
@@ -122,8 +194,68 @@ def _register_metric(eng: S.CountBootstrap, values: np.ndarray) -> dict:
             "s1": eng.column(c), "s2": eng.column(c * c)}
 
 
+def _register_subset_mean(eng: BS.CountBootstrap, values: np.ndarray, mask: np.ndarray) -> dict:
+    """Columns for the mean of a metric over a subset of the units."""
+    valid = mask & np.isfinite(values)
+    center = float(values[valid].mean()) if valid.any() else 0.0
+    return {"valid": valid, "center": center, "cnt": eng.column(valid.astype(float)),
+            "s1": eng.column(np.where(valid, values - center, 0.0))}
+
+
+# -- step 5: per-arm metrics -----------------------------------------------------------------------
+def _per_arm_metrics(s: _Setup, df: Columns, data: dict[str, ArmPairs], draws: _Draws, counts: Counts,
+                     costs: dict[str, float]) -> dict[str, dict]:
+    """{arm: metrics}, arms in the config's order (the order the generator is consumed in)."""
+    all_success = Counter(df["arm"][df["outcome"] == "success"].tolist())
+    out = {}
+    for arm in s.arms:
+        n_warmup = int(counts.get("ab", {}).get(arm, {}).get("warmup", 0))
+        cost = _cost(S.num(costs.get(arm)), int(all_success.get(arm, 0)))
+        out[arm] = _arm_metrics(s, arm, data[arm], draws, n_warmup, cost)
+    return out
+
+
+def _arm_metrics(s: _Setup, arm: str, d: ArmPairs, draws: _Draws, n_warmup: int, cost: dict) -> dict:
+    """One arm's A/B metrics: outcomes, success rate (Wilson), latency/TTFT/TPOT with intervals,
+    first vs repeated schema latency, backend share, cost. Quantile draws consume the generator in
+    the order first, repeated, latency, ttft, tpot."""
+    rows, regs, sums, rng, B, alpha = d.rows, draws.per_arm[arm], draws.sums, s.rng, s.resamples, s.alpha
+    n = len(rows)
+    succ = int(np.sum(rows["outcome"] == "success"))
+    transient = int(np.sum(np.isin(rows["outcome"], list(TRANSIENT_OUTCOMES))))
+    first = _subset_summary(regs["first"], d.latency, sums, rng, B, alpha)
+    rep = _subset_summary(regs["repeated"], d.latency, sums, rng, B, alpha)
+    out: dict[str, Any] = {
+        "role": "control" if arm == s.control else "candidate",
+        "configured_backend": s.cfg.arm(arm).backend,
+        "n": n,
+        "n_warmup": n_warmup,
+        "success": {"count": succ, "rate": S.wilson(succ, n, alpha).to_dict()},
+        "outcomes": _outcome_counts(rows["outcome"]),
+        "transient_error_share": S.num(transient / n) if n else None,
+        "latency": _metric_summary(regs["latency"], d.latency, sums, rng, B, alpha),
+        "ttft": _metric_summary(regs["ttft"], d.ttft, sums, rng, B, alpha),
+        "tpot": _metric_summary(regs["tpot"], d.tpot, sums, rng, B, alpha),
+        "first_vs_repeated": {
+            "first": first, "repeated": rep,
+            "p50_ratio_first_over_repeated": S.num(S.ratio(first["p50"]["estimate"], rep["p50"]["estimate"])),
+        },
+        "backend": _backend_share(rows["backend"], s.rule.expected_backend, alpha),
+        "cost": cost,
+    }
+    out["cv"] = out["latency"]["cv"]
+    return out
+
+
+def _cost(usd: float | None, successes: int) -> dict:
+    """The arm's USD over its successful requests in the whole run (the bill covers every phase)."""
+    return {"usd": usd, "successful_requests": successes,
+            "per_1k_success": S.num(usd / successes * 1000) if usd is not None and successes else None}
+
+
 def _metric_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng: np.random.Generator, B: int,
                     alpha: float) -> dict:
+    """Mean, p50/p95/p99 and CV of one metric, each with its percentile-bootstrap interval."""
     x = np.sort(values[reg["valid"]])
     n = int(x.size)
     out: dict[str, Any] = {"n": n}
@@ -131,24 +263,19 @@ def _metric_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng: np.ran
         for k in ("mean", *S.QUANTILES, "cv"):
             out[k] = S.NO_INTERVAL.to_dict()
         return out
-    means, sds = S._moments(sums, reg["cnt"], reg["s1"], reg["s2"], reg["center"])
-    out["mean"] = S.percentile_interval(float(x.mean()), means, alpha, n).to_dict()
+    means, sds = BS.moments(sums, reg["cnt"], reg["s1"], reg["s2"], reg["center"])
+    out["mean"] = BS.percentile_interval(float(x.mean()), means, alpha, n).to_dict()
     for name, q in S.QUANTILES.items():
-        iv = S.percentile_interval(S.sorted_quantile(x, q), S.bootstrap_quantile_draws(x, q, B, rng), alpha, n)
+        iv = BS.percentile_interval(BS.sorted_quantile(x, q), BS.bootstrap_quantile_draws(x, q, B, rng), alpha, n)
         out[name] = {**iv.to_dict(), "descriptive": bool(q >= 0.99 and n < S.P99_MIN_N)}
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["cv"] = S.percentile_interval(S.cv(x), sds / means, alpha, n).to_dict()
+        out["cv"] = BS.percentile_interval(S.cv(x), sds / means, alpha, n).to_dict()
     return out
 
 
-def _register_subset_mean(eng: S.CountBootstrap, values: np.ndarray, mask: np.ndarray) -> dict:
-    valid = mask & np.isfinite(values)
-    center = float(values[valid].mean()) if valid.any() else 0.0
-    return {"valid": valid, "center": center, "cnt": eng.column(valid.astype(float)),
-            "s1": eng.column(np.where(valid, values - center, 0.0))}
-
-
-def _subset_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng, B: int, alpha: float) -> dict:
+def _subset_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng: np.random.Generator, B: int,
+                    alpha: float) -> dict:
+    """Mean and p50 of a metric over a subset of the units, with intervals."""
     x = np.sort(values[reg["valid"]])
     if x.size == 0:
         return {"n": 0, "mean": S.NO_INTERVAL.to_dict(), "p50": S.NO_INTERVAL.to_dict()}
@@ -156,9 +283,9 @@ def _subset_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng, B: int
         means = reg["center"] + sums[:, reg["s1"]] / sums[:, reg["cnt"]]
     return {
         "n": int(x.size),
-        "mean": S.percentile_interval(float(x.mean()), means, alpha, int(x.size)).to_dict(),
-        "p50": S.percentile_interval(S.sorted_quantile(x, 0.5), S.bootstrap_quantile_draws(x, 0.5, B, rng),
-                                     alpha, int(x.size)).to_dict(),
+        "mean": BS.percentile_interval(float(x.mean()), means, alpha, int(x.size)).to_dict(),
+        "p50": BS.percentile_interval(BS.sorted_quantile(x, 0.5), BS.bootstrap_quantile_draws(x, 0.5, B, rng),
+                                      alpha, int(x.size)).to_dict(),
     }
 
 
@@ -167,6 +294,7 @@ def _counts(values: np.ndarray) -> dict[str, int]:
 
 
 def _outcome_counts(outcomes: np.ndarray) -> dict[str, int]:
+    """Counts of every known outcome (in OUTCOMES order, zeros included), plus "other" if any."""
     c = Counter(outcomes.tolist())
     out = {o: int(c.pop(o, 0)) for o in OUTCOMES}
     other = sum(c.values())
@@ -180,6 +308,7 @@ def _backend_counts(backends: np.ndarray) -> dict[str, int]:
 
 
 def _backend_share(backends: np.ndarray, expected: str, alpha: float) -> dict:
+    """Backend counts and the share (Wilson) of the expected backend among requests that reported one."""
     counts = _backend_counts(backends)
     known = {k: v for k, v in counts.items() if k != "unknown"}
     n_known = sum(known.values())
@@ -188,98 +317,10 @@ def _backend_share(backends: np.ndarray, expected: str, alpha: float) -> dict:
             "share": iv.to_dict()}
 
 
-# -- evaluate --------------------------------------------------------------------------------------
-def evaluate(
-    records: pd.DataFrame,
-    cfg: ExperimentConfig,
-    *,
-    planned: dict[str, dict[str, int]] | None = None,
-    costs: dict[str, float] | None = None,
-    seed: int = 0,
-    endpoints: dict[str, dict] | None = None,
-) -> dict:
-    """Everything the decision needs, as JSON-ready plain values (None where undefined)."""
-    rule = cfg.decision
-    alpha, B = float(rule.alpha), int(rule.bootstrap_resamples)
-    rng = np.random.default_rng(seed)
-    df = _Cols(records)
-    control = cfg.control.name
-    candidates = [a.name for a in cfg.candidates]
-    arms = [control, *candidates]
-
-    # counts per phase and arm (warm-ups separately)
-    counts: dict[str, dict[str, dict[str, int]]] = {}
-    for (phase, arm), k in sorted(Counter(zip(df["phase"].tolist(), df["arm"].tolist())).items()):
-        w = int(np.sum(df["warmup"][(df["phase"] == phase) & (df["arm"] == arm)]))
-        counts.setdefault(str(phase), {})[str(arm)] = {"recorded": int(k), "warmup": w, "measured": int(k - w)}
-
-    # the A/B phase, measured rows, one record per (arm, pair): the last attempt wins
-    ab_mask = (df["phase"] == "ab") & ~df["warmup"]
-    dup_pairs: dict[str, int] = {}
-    per_arm_idx = {}
-    for arm in arms:
-        idx = np.flatnonzero(ab_mask & (df["arm"] == arm))
-        order = np.lexsort((df["sent_at"][idx], df["attempt"][idx], df["pair_index"][idx]))
-        idx = idx[order]
-        pi = df["pair_index"][idx]
-        last = np.ones(idx.size, bool)
-        last[:-1] = pi[1:] != pi[:-1]
-        if not last.all():
-            dup_pairs[arm] = int(np.unique(pi[~last]).size)
-        per_arm_idx[arm] = idx[last]
-    units = np.unique(np.concatenate([df["pair_index"][i] for i in per_arm_idx.values()]))
-    data = {arm: _ArmData(df.take(per_arm_idx[arm]), units) for arm in arms}
-
-    # one bootstrap pass over pairs for every linear statistic and every paired ratio
-    eng = S.CountBootstrap(units.size, B, rng)
-    regs: dict[str, dict[str, dict]] = {}
-    for arm in arms:
-        d = data[arm]
-        regs[arm] = {m: _register_metric(eng, getattr(d, m)) for m in ("latency", "ttft", "tpot")}
-        regs[arm]["first"] = _register_subset_mean(eng, d.latency, d.first)
-        regs[arm]["repeated"] = _register_subset_mean(eng, d.latency, ~d.first)
-    preg = {}
-    for cand in candidates:
-        a, b = data[control].latency, data[cand].latency
-        preg[cand] = S.register_paired(eng, a, b, np.isfinite(a) & np.isfinite(b))
-    sums, qdraws = eng.run()
-
-    # per-arm metrics
-    arms_out: dict[str, dict] = {}
-    all_success = Counter(df["arm"][df["outcome"] == "success"].tolist())
-    for arm in arms:
-        d, rows = data[arm], data[arm].rows
-        n = len(rows)
-        succ = int(np.sum(rows["outcome"] == "success"))
-        transient = int(np.sum(np.isin(rows["outcome"], list(TRANSIENT_OUTCOMES))))
-        first = _subset_summary(regs[arm]["first"], d.latency, sums, rng, B, alpha)
-        rep = _subset_summary(regs[arm]["repeated"], d.latency, sums, rng, B, alpha)
-        usd = S.num((costs or {}).get(arm))
-        successes_all = int(all_success.get(arm, 0))
-        arms_out[arm] = {
-            "role": "control" if arm == control else "candidate",
-            "configured_backend": cfg.arm(arm).backend,
-            "n": n,
-            "n_warmup": int(counts.get("ab", {}).get(arm, {}).get("warmup", 0)),
-            "success": {"count": succ, "rate": S.wilson(succ, n, alpha).to_dict()},
-            "outcomes": _outcome_counts(rows["outcome"]),
-            "transient_error_share": S.num(transient / n) if n else None,
-            "latency": _metric_summary(regs[arm]["latency"], d.latency, sums, rng, B, alpha),
-            "ttft": _metric_summary(regs[arm]["ttft"], d.ttft, sums, rng, B, alpha),
-            "tpot": _metric_summary(regs[arm]["tpot"], d.tpot, sums, rng, B, alpha),
-            "first_vs_repeated": {
-                "first": first, "repeated": rep,
-                "p50_ratio_first_over_repeated": S.num(S._ratio(first["p50"]["estimate"], rep["p50"]["estimate"])),
-            },
-            "backend": _backend_share(rows["backend"], rule.expected_backend, alpha),
-            "cost": {
-                "usd": usd, "successful_requests": successes_all,
-                "per_1k_success": S.num(usd / successes_all * 1000) if usd is not None and successes_all else None,
-            },
-        }
-        arms_out[arm]["cv"] = arms_out[arm]["latency"]["cv"]
-
-    # observe phase
+# -- step 6: observe section -----------------------------------------------------------------------
+def _observe_section(s: _Setup, df: Columns, counts: Counts) -> dict:
+    """The observe phase per arm (outcomes, backend counts and share), and for each candidate the
+    backend each schema resolved to most often and the schemas resolved to more than one."""
     obs_mask = (df["phase"] == "observe") & ~df["warmup"]
     observe: dict[str, Any] = {"arms": {}, "schema_backends": {}, "mixed_schemas": {}}
     for arm in sorted(set(df["arm"][obs_mask].tolist())):
@@ -287,103 +328,22 @@ def evaluate(
         observe["arms"][str(arm)] = {
             "n": len(g), "n_warmup": int(counts.get("observe", {}).get(str(arm), {}).get("warmup", 0)),
             "outcomes": _outcome_counts(g["outcome"]), "backend_counts": _backend_counts(g["backend"]),
-            "backend_share": _backend_share(g["backend"], rule.expected_backend, alpha)["share"],
+            "backend_share": _backend_share(g["backend"], s.rule.expected_backend, s.alpha)["share"],
         }
-        if arm in candidates:
+        if arm in s.candidates:
             per = _backends_per_schema(g)
             observe["schema_backends"][str(arm)] = {k: c.most_common(1)[0][0] for k, c in per.items()}
             observe["mixed_schemas"][str(arm)] = [k for k, c in per.items() if len(c) > 1]
+    return observe
 
-    # what each candidate resolved for every schema it was sent (observe and A/B, warm-ups excluded)
+
+def _candidate_schema_backends(s: _Setup, df: Columns) -> dict[str, dict]:
+    """What each candidate resolved for every schema it was sent (observe and A/B, warm-ups excluded)."""
     sent = np.isin(df["phase"], ["observe", "ab"]) & ~df["warmup"]
-    schema_backends = {str(arm): _schema_backends(df.take(sent & (df["arm"] == arm))) for arm in candidates}
-
-    # paired comparisons
-    comparisons: dict[str, dict] = {}
-    family: list[dict] = []
-    eq_margin = _equivalence_margin(rule)
-    for cand in candidates:
-        dc, dk = data[cand], data[control]
-        both_present = dc.present & dk.present
-        n_pairs = int(both_present.sum())
-        sc, sk = dc.success[both_present], dk.success[both_present]
-        a, b, c, dd = (int(np.sum(sc & sk)), int(np.sum(sc & ~sk)), int(np.sum(~sc & sk)), int(np.sum(~sc & ~sk)))
-        diff = S.newcombe_diff_paired(a, b, c, dd, alpha)
-        mcn = S.mcnemar_test(a, b, c, dd) if n_pairs else S.TestResult(None, None, "mcnemar")
-        sd_success = S.paired_proportion_sd(a, b, c, dd) if n_pairs else None
-        lat_valid = preg[cand]["valid"]
-        n_lat = int(lat_valid.sum())
-        ratios = S.paired_intervals(preg[cand], sums, qdraws, dk.latency, dc.latency, alpha)
-        wil = S.wilcoxon_signed_rank(dk.latency[lat_valid], dc.latency[lat_valid])
-        tost = S.tost_log_ratio(dk.latency[lat_valid], dc.latency[lat_valid], eq_margin, alpha)
-        sd_lat = S.sd_unit_from_interval(ratios["p50"].ci_low, ratios["p50"].ci_high, n_lat, alpha, log=True)
-        sd_cv = S.sd_unit_from_interval(ratios["cv"].ci_low, ratios["cv"].ci_high, n_lat, alpha, log=True)
-        sd_success_ci = S.sd_unit_from_interval(diff.ci_low, diff.ci_high, n_pairs, alpha)
-        stream_mismatch = int(np.sum(both_present & (dc.stream != dk.stream)))
-        cost_k, cost_c = arms_out[control]["cost"]["per_1k_success"], arms_out[cand]["cost"]["per_1k_success"]
-        comparisons[cand] = {
-            "control": control, "candidate": cand, "n_pairs": n_pairs,
-            "success": {
-                "table": {"both": a, "candidate_only": b, "control_only": c, "neither": dd},
-                "control_rate": S.num(sk.mean()) if n_pairs else None,
-                "candidate_rate": S.num(sc.mean()) if n_pairs else None,
-                "diff": {**diff.to_dict(), "method": "newcombe-paired (method 10)"},
-                "mcnemar": mcn.to_dict(),
-                "sd_unit": S.num(sd_success_ci if sd_success_ci else sd_success),
-            },
-            "latency": {
-                "n_pairs": n_lat,
-                "ratio_mean": ratios["mean"].to_dict(), "ratio_p50": ratios["p50"].to_dict(),
-                "ratio_p95": ratios["p95"].to_dict(),
-                "wilcoxon": wil.to_dict(), "tost": tost.to_dict(),
-                "sd_log_unit": S.num(sd_lat),
-            },
-            "cv_ratio": {**ratios["cv"].to_dict(), "sd_log_unit": S.num(sd_cv)},
-            "cost_ratio_per_1k_success": S.num(S._ratio(cost_c, cost_k)),
-            "mde": {
-                "success_diff": S.num(S.mde_paired_proportion(n_pairs, sd_success, alpha, rule.power))
-                if sd_success else None,
-                "latency_p50_ratio": S.num(S.mde_ratio(n_lat, sd_lat, alpha, rule.power)),
-            },
-            "stream_mismatched_pairs": stream_mismatch,
-        }
-        family += [
-            {"candidate": cand, "metric": "success", "test": mcn.method, "pvalue": mcn.pvalue},
-            {"candidate": cand, "metric": "latency", "test": "wilcoxon (log latency)", "pvalue": wil.pvalue},
-        ]
-    adjusted = S.holm([f["pvalue"] for f in family], alpha)
-    for f, p in zip(family, adjusted):
-        f["p_holm"] = p
-        comparisons[f["candidate"]].setdefault("p_holm", {})[f["metric"]] = p
-
-    gates = _gates(df, cfg, counts, data, dup_pairs, planned, endpoints, comparisons)
-    result = {
-        "experiment": cfg.name,
-        "control": control,
-        "candidates": candidates,
-        "settings": {
-            "alpha": alpha, "confidence": 1 - alpha, "bootstrap_resamples": B, "seed": seed,
-            "bootstrap": "percentile; pairs resampled in the A/B phase",
-            "latency_basis": LATENCY_BASIS, "equivalence_margin": eq_margin, "p99_min_n": S.P99_MIN_N,
-            "min_bootstrap_n": S.MIN_BOOTSTRAP_N,
-            "cost_basis": "USD per arm (from the run's deploy/teardown) over the arm's successful requests "
-                          "in the whole run (all phases, warm-ups included)",
-            "power": float(rule.power),
-            "multiplicity": "Holm over {success (McNemar), latency (Wilcoxon)} x candidates",
-        },
-        "counts": counts,
-        "arms": arms_out,
-        "observe": observe,
-        "schema_backends": schema_backends,
-        "comparisons": comparisons,
-        "multiplicity": {"method": "holm", "family": family},
-        "gates": gates,
-        "valid": all(g["passed"] for g in gates),
-    }
-    return S.jsonable(result)
+    return {arm: _schema_backends(df.take(sent & (df["arm"] == arm))) for arm in s.candidates}
 
 
-def _backends_per_schema(g: _Cols) -> dict[str, Counter]:
+def _backends_per_schema(g: Columns) -> dict[str, Counter]:
     """{schema: Counter of the backends the server reported for it}, schemas sorted."""
     per: dict[str, Counter] = {}
     for sid, be in zip(g["schema_id"].tolist(), g["backend"].tolist()):
@@ -392,7 +352,7 @@ def _backends_per_schema(g: _Cols) -> dict[str, Counter]:
     return dict(sorted(per.items()))
 
 
-def _schema_backends(g: _Cols) -> dict[str, Any]:
+def _schema_backends(g: Columns) -> dict[str, Any]:
     """{backend: [schemas it was resolved for]} and the schemas resolved to more than one backend."""
     per = _backends_per_schema(g)
     by_backend: dict[str, list[str]] = {}
@@ -403,100 +363,83 @@ def _schema_backends(g: _Cols) -> dict[str, Any]:
             "mixed": [k for k, c in per.items() if len(c) > 1]}
 
 
-# -- validity gates --------------------------------------------------------------------------------
-def _gate(name: str, passed: bool, detail: str, **extra: Any) -> dict:
-    return {"name": name, "passed": bool(passed), "detail": detail, **extra}
+# -- step 7: paired comparisons --------------------------------------------------------------------
+def _comparison(s: _Setup, cand: str, data: dict[str, ArmPairs], draws: _Draws, arms_out: dict[str, dict]) -> dict:
+    """One candidate against the control: success over pairs both arms recorded, latency over pairs
+    both answered, CV and cost ratios, minimum detectable effects, pairs sent with different settings."""
+    dk, dc = data[s.control], data[cand]
+    n_pairs, success, mde_success = _success_comparison(dk, dc, s.alpha, s.rule.power)
+    latency, cv_ratio, mde_latency = _latency_comparison(s, dk, dc, draws, draws.paired[cand])
+    cost_k, cost_c = arms_out[s.control]["cost"]["per_1k_success"], arms_out[cand]["cost"]["per_1k_success"]
+    return {
+        "control": s.control, "candidate": cand, "n_pairs": n_pairs,
+        "success": success,
+        "latency": latency,
+        "cv_ratio": cv_ratio,
+        "cost_ratio_per_1k_success": S.num(S.ratio(cost_c, cost_k)),
+        "mde": {"success_diff": mde_success, "latency_p50_ratio": mde_latency},
+        "stream_mismatched_pairs": int(np.sum(dc.present & dk.present & (dc.stream != dk.stream))),
+    }
 
 
-def _gates(df, cfg, counts, data, dup_pairs, planned, endpoints, comparisons) -> list[dict]:
-    rule = cfg.decision
-    arms = [cfg.control.name, *[a.name for a in cfg.candidates]]
-    gates = []
+def _success_comparison(dk: ArmPairs, dc: ArmPairs, alpha: float, power: float) -> tuple[int, dict, float | None]:
+    """(pairs, the success section, the minimum detectable difference): the paired 2x2 table,
+    Newcombe's interval of the difference, McNemar's test and the per-pair sd."""
+    both_present = dc.present & dk.present
+    n_pairs = int(both_present.sum())
+    sc, sk = dc.success[both_present], dk.success[both_present]
+    a, b, c, dd = (int(np.sum(sc & sk)), int(np.sum(sc & ~sk)), int(np.sum(~sc & sk)), int(np.sum(~sc & ~sk)))
+    diff = S.newcombe_diff_paired(a, b, c, dd, alpha)
+    mcn = S.mcnemar_test(a, b, c, dd) if n_pairs else S.TestResult(None, None, "mcnemar")
+    sd_success = S.paired_proportion_sd(a, b, c, dd) if n_pairs else None
+    sd_success_ci = S.sd_unit_from_interval(diff.ci_low, diff.ci_high, n_pairs, alpha)
+    section = {
+        "table": {"both": a, "candidate_only": b, "control_only": c, "neither": dd},
+        "control_rate": S.num(sk.mean()) if n_pairs else None,
+        "candidate_rate": S.num(sc.mean()) if n_pairs else None,
+        "diff": {**diff.to_dict(), "method": "newcombe-paired (method 10)"},
+        "mcnemar": mcn.to_dict(),
+        "sd_unit": S.num(sd_success_ci if sd_success_ci else sd_success),
+    }
+    mde = S.num(S.mde_paired_proportion(n_pairs, sd_success, alpha, power)) if sd_success else None
+    return n_pairs, section, mde
 
-    # 1. request accounting: recorded == planned per arm and phase (warm-ups included)
-    if planned is None:
-        gates.append(_gate("request_accounting", True, "no plan given: recorded counts not checked", skipped=True))
-    else:
-        problems = []
-        for phase in sorted(set(planned) | set(counts)):
-            want = planned.get(phase, {})
-            got = {arm: c["recorded"] for arm, c in counts.get(phase, {}).items()}
-            for arm in sorted(set(want) | set(got)):
-                w, g = int(want.get(arm, 0)), int(got.get(arm, 0))
-                if w != g:
-                    problems.append(f"arm '{arm}' phase '{phase}': recorded {g} of {w} planned")
-        gates.append(_gate(
-            "request_accounting", not problems,
-            "; ".join(problems) if problems else "recorded == planned for every arm and phase",
-        ))
 
-    # 2. no duplicated request ids, one measured record per arm and pair
-    ids = df["request_id"]
-    uniq, inv, cnt = np.unique(ids.astype(str), return_inverse=True, return_counts=True)
-    dup = cnt[inv] > 1
-    problems = []
-    for arm in sorted(set(df["arm"][dup].tolist())):
-        k = np.unique(ids[dup & (df["arm"] == arm)].astype(str)).size
-        problems.append(f"arm '{arm}': {k} request_id(s) recorded more than once")
-    for arm, k in sorted(dup_pairs.items()):
-        problems.append(f"arm '{arm}': {k} A/B pair(s) with more than one record")
-    gates.append(_gate("unique_requests", not problems, "; ".join(problems) or "every request recorded once"))
+def _latency_comparison(s: _Setup, dk: ArmPairs, dc: ArmPairs, draws: _Draws,
+                        reg: dict) -> tuple[dict, dict, float | None]:
+    """(the latency section, the CV-ratio section, the minimum detectable p50 ratio change): paired
+    bootstrap ratios, Wilcoxon and TOST on log latency over pairs where both arms answered."""
+    alpha, valid = s.alpha, reg["valid"]
+    n_lat = int(valid.sum())
+    ratios = BS.paired_intervals(reg, draws.sums, draws.qdraws, dk.latency, dc.latency, alpha)
+    wil = S.wilcoxon_signed_rank(dk.latency[valid], dc.latency[valid])
+    tost = S.tost_log_ratio(dk.latency[valid], dc.latency[valid], _equivalence_margin(s.rule), alpha)
+    sd_lat = S.sd_unit_from_interval(ratios["p50"].ci_low, ratios["p50"].ci_high, n_lat, alpha, log=True)
+    sd_cv = S.sd_unit_from_interval(ratios["cv"].ci_low, ratios["cv"].ci_high, n_lat, alpha, log=True)
+    latency = {
+        "n_pairs": n_lat,
+        "ratio_mean": ratios["mean"].to_dict(), "ratio_p50": ratios["p50"].to_dict(),
+        "ratio_p95": ratios["p95"].to_dict(),
+        "wilcoxon": wil.to_dict(), "tost": tost.to_dict(),
+        "sd_log_unit": S.num(sd_lat),
+    }
+    cv_ratio = {**ratios["cv"].to_dict(), "sd_log_unit": S.num(sd_cv)}
+    return latency, cv_ratio, S.num(S.mde_ratio(n_lat, sd_lat, alpha, s.rule.power))
 
-    # 3. sample-ratio mismatch on the measured A/B counts (equal by design)
-    n_arm = [int(len(data[a].rows)) for a in arms]
-    if sum(n_arm) == 0:
-        gates.append(_gate("sample_ratio", True, "no A/B records", skipped=True))
-    else:
-        srm = S.sample_ratio_test(n_arm)
-        ok = srm.pvalue is None or srm.pvalue >= SRM_P_MIN
-        detail = ", ".join(f"'{a}' {k}" for a, k in zip(arms, n_arm))
-        worst = arms[int(np.argmin(n_arm))]
-        p = "n/a" if srm.pvalue is None else f"{srm.pvalue:.3g}"
-        gates.append(_gate(
-            "sample_ratio", ok,
-            f"A/B counts {detail}; chi-square p={p}" + ("" if ok else f" < {SRM_P_MIN} (arm '{worst}' short)"),
-            pvalue=S.num(srm.pvalue),
-        ))
 
-    # 4. transient error share per arm
-    problems, parts = [], []
-    for a in arms:
-        rows = data[a].rows
-        if len(rows) == 0:
-            continue
-        share = float(np.mean(np.isin(rows["outcome"], list(TRANSIENT_OUTCOMES))))
-        parts.append(f"'{a}' {share:.1%}")
-        if share > rule.max_error_share:
-            problems.append(f"arm '{a}': server_error+timeout+connection_error share {share:.1%} > {rule.max_error_share:.1%}")
-    gates.append(_gate("error_share", not problems, "; ".join(problems) or f"shares {', '.join(parts) or 'n/a'}"))
-
-    # 5. same vLLM version on every arm
-    if not endpoints:
-        gates.append(_gate("same_vllm_version", True, "no endpoint information given", skipped=True))
-    else:
-        versions = {a: (endpoints.get(a) or {}).get("vllm_version") for a in arms}
-        known = {a: v for a, v in versions.items() if v}
-        unknown = sorted(a for a, v in versions.items() if not v)
-        ok = len(set(known.values())) <= 1
-        detail = ", ".join(f"'{a}' {v}" for a, v in known.items()) or "no versions known"
-        if unknown:
-            detail += f"; unknown for arm(s) {', '.join(repr(u) for u in unknown)}"
-        gates.append(_gate("same_vllm_version", ok, ("different vLLM versions: " if not ok else "") + detail))
-
-    # 6. same request settings within each pair (the stream flag is what records show)
-    bad = {c: comp["stream_mismatched_pairs"] for c, comp in comparisons.items() if comp["stream_mismatched_pairs"]}
-    gates.append(_gate(
-        "same_request_settings", not bad,
-        "; ".join(f"arm '{c}': {k} pair(s) streamed differently from the control" for c, k in bad.items())
-        or "both arms of every pair sent with the same settings",
-    ))
-
-    # 7. there is something to compare
-    problems = [f"arm '{a}': no measured A/B records" for a in arms if len(data[a].rows) == 0]
-    for c, comp in comparisons.items():
-        if len(data[c].rows) and comp["n_pairs"] == 0:
-            problems.append(f"arm '{c}': no complete pair with the control")
-        elif comp["n_pairs"] and comp["latency"]["n_pairs"] == 0:
-            problems.append(f"arm '{c}': no pair in which both arms answered (no latency to compare)")
-    gates.append(_gate("paired_data", not problems, "; ".join(problems) or "every candidate has pairs with the control"))
-    return gates
+# -- step 8: multiplicity (Holm) -------------------------------------------------------------------
+def _multiplicity(comparisons: dict[str, dict], alpha: float) -> list[dict]:
+    """Holm over the pre-declared family {success (McNemar), latency (Wilcoxon)} x candidates: sets
+    each comparison's `p_holm` and returns the family with its adjusted p-values."""
+    family: list[dict] = []
+    for cand, comp in comparisons.items():
+        mcn, wil = comp["success"]["mcnemar"], comp["latency"]["wilcoxon"]
+        family += [
+            {"candidate": cand, "metric": "success", "test": mcn["method"], "pvalue": mcn["pvalue"]},
+            {"candidate": cand, "metric": "latency", "test": "wilcoxon (log latency)", "pvalue": wil["pvalue"]},
+        ]
+    adjusted = S.holm([f["pvalue"] for f in family], alpha)
+    for f, p in zip(family, adjusted):
+        f["p_holm"] = p
+        comparisons[f["candidate"]].setdefault("p_holm", {})[f["metric"]] = p
+    return family

@@ -66,31 +66,7 @@ def synthetic_records(
     z = rng.standard_normal(n)
     schema = rng.normal(0.0, schema_sd, n)
     rho = float(success_corr)
-    frames = []
-
-    def block(phase: str, arm: str, pair_index: np.ndarray, warm: np.ndarray, success: np.ndarray,
-              log_lat: np.ndarray, backend: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
-        k = pair_index.size
-        fail_kind = rng.choice(np.array(list(FAILURE_MIX), dtype=object), size=k, p=list(FAILURE_MIX.values()))
-        outcome = np.where(success, "success", fail_kind).astype(object)
-        answered = ~np.isin(outcome, ["timeout", "server_error", "connection_error"])
-        lat = np.exp(log_lat)
-        ttft = lat * rng.uniform(0.05, 0.25, k)
-        toks = rng.integers(20, 200, k)
-        status = np.where(outcome == "server_error", 500, 200).astype(object)
-        status[outcome == "timeout"] = None
-        return {
-            "phase": np.full(k, phase, dtype=object), "arm": np.full(k, arm, dtype=object),
-            "request_id": np.array([f"{phase}-{o:06d}-{arm}" for o in order.tolist()], dtype=object),
-            "schema_id": np.array([f"s{p:05d}" if p >= 0 else f"warm{-p}" for p in pair_index.tolist()], dtype=object),
-            "order_index": order, "pair_index": pair_index, "warmup": warm,
-            "sent_at": 1.7e9 + order * 0.01,
-            "ttft_s": np.where(answered, ttft, np.nan), "latency_s": np.where(answered, lat, np.nan),
-            "completion_tokens": np.where(answered, toks, 0),
-            "finish_reason": np.where(outcome == "truncated", "length", np.where(answered, "stop", None)).astype(object),
-            "http_status": status, "backend": backend, "outcome": outcome,
-        }
-
+    frames: list[dict[str, np.ndarray]] = []
     thresholds = {control: sps.norm.ppf(p_control), candidate: sps.norm.ppf(p_candidate)}
     # plan order: warm-ups first, then pairs with ABBA counterbalancing
     first_ctrl = (np.arange(n) % 4 == 0) | (np.arange(n) % 4 == 3)
@@ -104,17 +80,25 @@ def synthetic_records(
         else:
             backend = np.where(rng.random(n) < backend_share, expected_backend, "xgrammar").astype(object)
             order = base + 2 * np.arange(n) + np.where(first_ctrl, 1, 0)
-        frames.append(block("ab", arm, np.arange(n), np.zeros(n, bool), success, log_lat, backend, order))
+        frames.append(_block(rng, "ab", arm, pair_index=np.arange(n), warm=np.zeros(n, bool), success=success,
+                             log_lat=log_lat, backend=backend, order=order))
         if warmup:
             w = np.arange(warmup)
             wb = np.full(warmup, "guidance" if arm == control else expected_backend, dtype=object)
-            frames.append(block("ab", arm, -1 - w, np.ones(warmup, bool), np.ones(warmup, bool),
-                                np.full(warmup, np.log(base_latency) + 1.0), wb, 2 * w + j))
+            frames.append(_block(rng, "ab", arm, pair_index=-1 - w, warm=np.ones(warmup, bool), success=np.ones(warmup, bool),
+                                 log_lat=np.full(warmup, np.log(base_latency) + 1.0), backend=wb, order=2 * w + j))
     if observe:
         k = int(observe)
         be = np.where(rng.random(k) < backend_share, expected_backend, "xgrammar").astype(object)
-        frames.append(block("observe", candidate, np.arange(k), np.zeros(k, bool), np.ones(k, bool),
-                            np.log(base_latency) + rng.normal(0, sigma, k), be, np.arange(k)))
+        frames.append(_block(rng, "observe", candidate, pair_index=np.arange(k), warm=np.zeros(k, bool),
+                             success=np.ones(k, bool), log_lat=np.log(base_latency) + rng.normal(0, sigma, k), backend=be,
+                             order=np.arange(k)))
+    return _frame(frames)
+
+
+def _frame(frames: list[dict[str, np.ndarray]]) -> pd.DataFrame:
+    """The blocks as one records frame in plan order (observe rows after the A/B rows), with the
+    columns every synthetic record shares filled in."""
     cols = {c: np.concatenate([f[c] for f in frames]) for c in frames[0]}
     order = np.lexsort((cols["order_index"], cols["phase"] != "ab"))  # observe rows after the A/B rows
     total = order.size
@@ -126,6 +110,35 @@ def synthetic_records(
                                                       isinstance(const[c], str) else None)
         data[c] = pd.Series(v, dtype=object) if v.dtype == object else v
     return pd.DataFrame(data, columns=RECORD_COLUMNS)
+
+
+def _block(rng: np.random.Generator, phase: str, arm: str, *, pair_index: np.ndarray, warm: np.ndarray,
+           success: np.ndarray, log_lat: np.ndarray, backend: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
+    """The record columns of one block of requests (one phase, one arm) with the given truth; failed
+    requests fail as FAILURE_MIX says, and the timing of those without an answer is not recorded."""
+    k = pair_index.size
+    fail_kind = rng.choice(np.array(list(FAILURE_MIX), dtype=object), size=k, p=list(FAILURE_MIX.values()))
+    outcome = np.where(success, "success", fail_kind).astype(object)
+    answered = ~np.isin(outcome, ["timeout", "server_error", "connection_error"])
+    lat = np.exp(log_lat)
+    ttft = lat * rng.uniform(0.05, 0.25, k)
+    toks = rng.integers(20, 200, k)
+    status = np.where(outcome == "server_error", 500, 200).astype(object)
+    status[outcome == "timeout"] = None
+    finish = np.full(k, None, dtype=object)
+    finish[answered] = "stop"
+    finish[outcome == "truncated"] = "length"
+    return {
+        "phase": np.full(k, phase, dtype=object), "arm": np.full(k, arm, dtype=object),
+        "request_id": np.array([f"{phase}-{o:06d}-{arm}" for o in order.tolist()], dtype=object),
+        "schema_id": np.array([f"s{p:05d}" if p >= 0 else f"warm{-p}" for p in pair_index.tolist()], dtype=object),
+        "order_index": order, "pair_index": pair_index, "warmup": warm,
+        "sent_at": 1.7e9 + order * 0.01,
+        "ttft_s": np.where(answered, ttft, np.nan), "latency_s": np.where(answered, lat, np.nan),
+        "completion_tokens": np.where(answered, toks, 0),
+        "finish_reason": finish,
+        "http_status": status, "backend": backend, "outcome": outcome,
+    }
 
 
 def planned_counts(records: pd.DataFrame) -> dict[str, dict[str, int]]:

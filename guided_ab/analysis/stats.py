@@ -1,21 +1,18 @@
 """Statistical methods for the A/B evaluation: small functions returning small result objects.
 
 Library first: scipy and statsmodels do the work wherever they have the method (Wilson,
-Newcombe for independent samples, McNemar, Wilcoxon, TOST). Hand-written pieces are marked
-"hand-written" below with the reason; besides two small ones (Holm and the closed-form normal
-power, both faster than statsmodels' and tested against it) they are:
+McNemar, Wilcoxon, TOST). Hand-written pieces are marked "hand-written" below with the reason:
 
 - Newcombe's interval for the difference of *paired* proportions (his method 10):
   statsmodels 0.14/0.15 has only the independent-samples version
-  (`confint_proportions_2indep(method="newcomb")`).
-- The percentile bootstrap of quantiles by order statistics (`bootstrap_quantile_draws`), and
-- the count-matrix bootstrap engine (`CountBootstrap`) for means, CVs and *paired* quantile
-  ratios. `scipy.stats.bootstrap` materialises a B x n resample for every statistic (about
-  3 s per statistic at n = 50,000, B = 2,000 on one core, and BCa adds an O(n^2) jackknife for
-  quantiles); an evaluation needs ~40 such statistics. Both hand-written pieces compute the
-  same percentile-bootstrap distribution as resampling with replacement and taking
-  `np.quantile`/`np.mean` (tests/test_stats.py checks them against brute force and against
-  `scipy.stats.bootstrap`).
+  (`confint_proportions_2indep(method="newcomb")`; tests/stats_reference.py wraps it to show
+  the paired interval is the narrower one when outcomes agree).
+- Holm and the closed-form normal power, both faster than statsmodels' and tested against it.
+
+The percentile bootstrap (quantile draws by order statistics and the count-matrix engine for
+means, CVs and paired quantile ratios) lives in `bootstrap.py`: it is the one costly part of an
+evaluation and has its own exactness tests. This module is what it builds on (the result
+objects, `num`, `cv`, `ratio`) plus the closed-form methods.
 
 No function here prints; non-finite results are returned as None in the `to_dict()` forms.
 """
@@ -23,23 +20,21 @@ No function here prints; non-finite results are returned as None in the `to_dict
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from statistics import NormalDist
+from typing import Any
 
 import numpy as np
 from scipy import stats as sps
 from statsmodels.stats.contingency_tables import mcnemar
-from statsmodels.stats.proportion import confint_proportions_2indep, proportion_confint
+from statsmodels.stats.proportion import proportion_confint
 from statsmodels.stats.weightstats import ttost_paired
 
 QUANTILES: dict[str, float] = {"p50": 0.50, "p95": 0.95, "p99": 0.99}
 # below this many observations a p99 rests on < 4 points beyond it: reported, flagged descriptive
 # (MLPerf's minimum query counts make the same point for tail percentiles)
 P99_MIN_N = 400
-# below this many units a percentile bootstrap has too few distinct resamples to mean anything
-# (with n = 1 every resample is the sample): estimates are reported, intervals are not
-MIN_BOOTSTRAP_N = 10
 
 
 def num(x: object) -> float | None:
@@ -53,7 +48,7 @@ def num(x: object) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def jsonable(obj: object) -> object:
+def jsonable(obj: object) -> Any:
     """Plain JSON values: numpy scalars to Python, tuples to lists, NaN/inf to None."""
     if isinstance(obj, dict):
         return {str(k): jsonable(v) for k, v in obj.items()}
@@ -114,24 +109,6 @@ class Equivalence:
         }
 
 
-@dataclass(frozen=True)
-class Summary:
-    """Descriptive statistics of one sample with percentile-bootstrap intervals."""
-
-    n: int
-    mean: Interval
-    quantiles: dict[str, Interval]
-    cv: Interval
-    descriptive: dict[str, bool] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        out: dict = {"n": self.n, "mean": self.mean.to_dict()}
-        for k, v in self.quantiles.items():
-            out[k] = {**v.to_dict(), "descriptive": self.descriptive.get(k, False)}
-        out["cv"] = self.cv.to_dict()
-        return out
-
-
 def _z(alpha: float) -> float:
     return NormalDist().inv_cdf(1 - alpha / 2)
 
@@ -145,14 +122,6 @@ def wilson(successes: int, n: int, alpha: float = 0.05) -> Interval:
     p = successes / n
     # at p = 0 or 1 the formula's bound misses the estimate by rounding (1e-17): clamp
     return Interval(p, min(float(lo), p), max(float(hi), p))
-
-
-def newcombe_diff_independent(x1: int, n1: int, x0: int, n0: int, alpha: float = 0.05) -> Interval:
-    """Newcombe's hybrid score interval for p1 - p0, independent samples (statsmodels "newcomb")."""
-    if n1 <= 0 or n0 <= 0:
-        return NO_INTERVAL
-    lo, hi = confint_proportions_2indep(int(x1), int(n1), int(x0), int(n0), method="newcomb", alpha=alpha)
-    return Interval(x1 / n1 - x0 / n0, float(lo), float(hi))
 
 
 def newcombe_diff_paired(both: int, only_1: int, only_0: int, neither: int, alpha: float = 0.05) -> Interval:
@@ -178,7 +147,7 @@ def newcombe_diff_paired(both: int, only_1: int, only_0: int, neither: int, alph
     if margins == 0:
         phi = 0.0
     else:
-        num_ = a * d - b * c
+        num_ = float(a * d - b * c)
         if num_ > n / 2:
             num_ -= n / 2
         elif num_ >= 0:
@@ -209,230 +178,7 @@ def sample_ratio_test(counts: Sequence[int], expected_shares: Sequence[float] | 
     return TestResult(num(res.statistic), num(res.pvalue), "chi-square")
 
 
-# -- bootstrap: quantiles by order statistics -----------------------------------------------------
-def bootstrap_quantile_draws(sorted_x: np.ndarray, q: float, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """B draws from the bootstrap distribution of `np.quantile(x, q)` (linear interpolation).
-
-    Hand-written because it costs O(B) instead of O(B n): with indices I = ceil(m U), U uniform,
-    the k-th smallest resampled index is ceil(m U_(k)), and the uniform order statistics follow
-    from m + 1 exponential spacings: U_(k) = G/T, U_(k+1) = (G + E)/T with G ~ Gamma(k),
-    E ~ Exp(1), T = G + E + Gamma(m - k). So the draws have exactly the distribution of the
-    quantile of a resample with replacement (tests compare against brute force).
-    """
-    m = int(sorted_x.size)
-    if m == 0:
-        return np.full(resamples, np.nan)
-    if m == 1:
-        return np.full(resamples, float(sorted_x[0]))
-    h = (m - 1) * q
-    j = int(math.floor(h))
-    frac = h - j
-    k = j + 1  # 1-based rank of the lower order statistic
-    g = rng.standard_gamma(k, resamples)
-    e = rng.standard_exponential(resamples)
-    t = g + e + (rng.standard_gamma(m - k, resamples) if m - k > 0 else 0.0)
-    i1 = np.clip(np.ceil(m * (g / t)).astype(np.int64) - 1, 0, m - 1)
-    lo = sorted_x[i1]
-    if frac == 0.0:
-        return lo.astype(float)
-    i2 = np.clip(np.ceil(m * ((g + e) / t)).astype(np.int64) - 1, 0, m - 1)
-    return lo + frac * (sorted_x[i2] - lo)
-
-
-def _quantiles(d: np.ndarray, qs: Sequence[float]) -> list[float]:
-    """np.quantile(d, qs) (linear interpolation) via one partial sort (less overhead per call)."""
-    m = d.size
-    hs = [(m - 1) * q for q in qs]
-    ks = sorted({min(int(math.floor(h)) + i, m - 1) for h in hs for i in (0, 1)})
-    part = np.partition(d, ks)
-    out = []
-    for h in hs:
-        j = int(math.floor(h))
-        a, b = part[j], part[min(j + 1, m - 1)]
-        out.append(float(a + (h - j) * (b - a)))
-    return out
-
-
-def sorted_quantile(xs: np.ndarray, q: float) -> float | None:
-    """np.quantile(xs, q) for an already sorted array (linear interpolation)."""
-    m = xs.size
-    if m == 0:
-        return None
-    h = (m - 1) * q
-    j = int(math.floor(h))
-    a, b = xs[j], xs[min(j + 1, m - 1)]
-    return float(a + (h - j) * (b - a))
-
-
-def percentile_interval(estimate: float | None, draws: np.ndarray, alpha: float = 0.05,
-                        n: int | None = None) -> Interval:
-    """Percentile-bootstrap interval from B draws of a statistic of n units (no interval when n is
-    below MIN_BOOTSTRAP_N or more than 10% of the draws are undefined)."""
-    d = np.asarray(draws, dtype=float)
-    total = d.size
-    d = d[np.isfinite(d)]
-    if estimate is None or (n is not None and n < MIN_BOOTSTRAP_N) or d.size < max(20, 0.9 * total):
-        return Interval(num(estimate), None, None)
-    lo, hi = _quantiles(d, (alpha / 2, 1 - alpha / 2))
-    return Interval(num(estimate), lo, hi)
-
-
-# -- bootstrap: count-matrix engine ---------------------------------------------------------------
-@dataclass
-class _QSpec:
-    count_col: int
-    labels: np.ndarray  # valid unit labels sorted by value
-    values: np.ndarray  # their values, ascending
-    qs: tuple[float, ...]
-    windows: list[tuple[int, int, int | None]]  # (lo, hi, column of the "rank < lo" indicator)
-
-
-class CountBootstrap:
-    """A percentile bootstrap over n units (pairs) computing many statistics in one pass.
-
-    Hand-written for speed (see the module docstring). Each resample is a row of counts
-    C[b, i] = how often unit i was drawn (n draws with replacement), built in row chunks.
-    - Linear statistics (sums of any per-unit column, so means, variances, ratios of means and
-      CVs on any subset) are C @ X, one matrix product for all of them.
-    - Quantiles of a subset's values on the same resample (needed *jointly* for paired ratios)
-      come from the cumulative counts in value order; only a window of sorted positions around
-      the quantile is touched (the count below the window is one more column of X), and any
-      resample whose quantile falls outside the window is recomputed in full, so results are
-      exactly those of `np.quantile` on the explicit resample.
-    """
-
-    def __init__(self, n_units: int, resamples: int, rng: np.random.Generator, max_cells: int = 4_000_000):
-        self.n = int(n_units)
-        self.B = int(resamples)
-        self.rng = rng
-        self.max_cells = max_cells
-        self._cols: list[np.ndarray] = []
-        self._specs: list[_QSpec] = []
-
-    def column(self, values: np.ndarray) -> int:
-        """Register a per-unit column; returns its index in `run()`'s sums (NaN counts as 0)."""
-        v = np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        if v.shape != (self.n,):
-            raise ValueError(f"column has shape {v.shape}, expected ({self.n},)")
-        self._cols.append(v)
-        return len(self._cols) - 1
-
-    def quantiles(self, values: np.ndarray, valid: np.ndarray, qs: Iterable[float]) -> int:
-        """Register quantiles of `values[valid]` (per resample); returns a handle for `run()`."""
-        values = np.asarray(values, dtype=np.float64)
-        valid = np.asarray(valid, dtype=bool) & np.isfinite(values)
-        labels = np.flatnonzero(valid)
-        order = np.argsort(values[labels], kind="stable")
-        labels, sorted_vals = labels[order], values[labels][order]
-        count_col = self.column(valid.astype(np.float64))
-        nv = labels.size
-        windows = []
-        for q in qs:
-            if nv <= 4096:  # small: the whole range is cheap
-                windows.append((0, nv, None))
-                continue
-            # sd of the rank at which the resample's quantile sits: binomial counts below the
-            # quantile, plus the variation of the resampled subset size
-            sd = math.sqrt(nv * q * (1 - q)) + q * math.sqrt(nv * max(0.0, 1 - nv / self.n))
-            w = int(math.ceil(8 * sd)) + 16
-            t0 = q * (nv - 1)
-            lo, hi = max(0, int(t0) - w), min(nv, int(math.ceil(t0)) + w + 2)
-            below = None
-            if lo > 0:
-                ind = np.zeros(self.n)
-                ind[labels[:lo]] = 1.0
-                below = self.column(ind)
-            windows.append((lo, hi, below))
-        self._specs.append(_QSpec(count_col, labels, sorted_vals, tuple(qs), windows))
-        return len(self._specs) - 1
-
-    def _counts(self, rows: int) -> np.ndarray:
-        n = self.n
-        idx = self.rng.integers(0, n, size=(rows, n), dtype=np.int32 if n < 2**31 else np.int64)
-        if n <= 4096:
-            flat = idx.astype(np.int64) + (np.arange(rows, dtype=np.int64) * n)[:, None]
-            return np.bincount(flat.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
-        c = np.empty((rows, n), dtype=np.float64)
-        for r in range(rows):  # per row: the histogram fits in cache (a flat bincount does not)
-            c[r] = np.bincount(idx[r], minlength=n)
-        return c
-
-    def run(self) -> tuple[np.ndarray, list[np.ndarray]]:
-        """(sums (B x columns), [quantiles (B x len(qs)) per registered quantile set])."""
-        B, n = self.B, self.n
-        X = np.column_stack(self._cols) if self._cols else np.zeros((n, 0))
-        sums = np.empty((B, X.shape[1]))
-        qout = [np.full((B, len(s.qs)), np.nan) for s in self._specs]
-        if n == 0:
-            return np.full((B, X.shape[1]), np.nan), qout
-        step = max(1, min(B, self.max_cells // max(n, 1)))
-        for start in range(0, B, step):
-            rows = min(step, B - start)
-            C = self._counts(rows)
-            S = self._product(C, X)
-            sums[start:start + rows] = S
-            for spec, out in zip(self._specs, qout):
-                m = S[:, spec.count_col]
-                cache: dict[tuple[int, int], np.ndarray] = {}
-                for qi, (q, (lo, hi, below_col)) in enumerate(zip(spec.qs, spec.windows)):
-                    out[start:start + rows, qi] = self._window_quantile(C, S, m, spec, q, lo, hi, below_col, cache)
-        return sums, qout
-
-    @staticmethod
-    def _product(C: np.ndarray, X: np.ndarray) -> np.ndarray:
-        """C @ X. Small products go in row blocks under OpenBLAS's threading threshold
-        (m*n*k <= 262,144): on products this small its threads cost ~5x the CPU of one thread
-        (measured), which dominated `simulate` on a busy machine."""
-        block = 262_144 // max(1, C.shape[1] * X.shape[1])
-        if block < 8 or block >= C.shape[0]:
-            return C @ X
-        return np.vstack([C[i:i + block] @ X for i in range(0, C.shape[0], block)])
-
-    @staticmethod
-    def _window_quantile(C, S, m, spec: _QSpec, q, lo, hi, below_col, cache: dict) -> np.ndarray:
-        rows = C.shape[0]
-        res = np.full(rows, np.nan)
-        has = m >= 1
-        if not has.any() or hi <= lo:
-            return res
-        h = np.where(has, (m - 1) * q, 0.0)
-        j = np.floor(h)
-        frac = h - j
-        j2 = np.minimum(j + 1, np.maximum(m - 1, 0))
-        below = S[:, below_col] if below_col is not None else np.zeros(rows)
-        w = hi - lo
-        off = np.arange(rows) * float(C.shape[1] + 1)
-        if (lo, hi) not in cache:
-            # cumulative counts in value order; rows made globally increasing by an offset larger
-            # than any count, so one search finds every row's position
-            cum = np.cumsum(C[:, spec.labels[lo:hi]], axis=1)
-            cum += (below + off)[:, None]
-            cache[(lo, hi)] = cum.ravel()
-        flat = cache[(lo, hi)]
-        ok = has & (below <= j) & (flat[np.arange(1, rows + 1) * w - 1] - off > j2)
-        p1 = np.searchsorted(flat, j + off, side="right") - np.arange(rows) * w
-        p2 = np.searchsorted(flat, j2 + off, side="right") - np.arange(rows) * w
-        p1, p2 = np.clip(p1, 0, w - 1), np.clip(p2, 0, w - 1)
-        v1, v2 = spec.values[lo + p1], spec.values[lo + p2]
-        res[ok] = (v1 + frac * (v2 - v1))[ok]
-        for r in np.flatnonzero(has & ~ok):  # outside the window (very rare): the whole row
-            full = np.cumsum(C[r, spec.labels])
-            a = spec.values[np.searchsorted(full, j[r], side="right")]
-            b = spec.values[np.searchsorted(full, j2[r], side="right")]
-            res[r] = a + frac[r] * (b - a)
-        return res
-
-
-# -- bootstrap: public conveniences ---------------------------------------------------------------
-def _moments(sums: np.ndarray, cnt: int, s1: int, s2: int, center: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-resample mean and sample sd (ddof=1) from sums of a centred column and its square."""
-    m = sums[:, cnt]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_c = sums[:, s1] / m
-        var = (sums[:, s2] - m * mean_c**2) / (m - 1)
-        return center + mean_c, np.sqrt(np.maximum(var, 0.0))
-
-
+# -- descriptive ---------------------------------------------------------------------------------
 def cv(x: np.ndarray) -> float | None:
     """Coefficient of variation, sample sd (ddof=1) over the mean."""
     x = np.asarray(x, dtype=float)
@@ -441,97 +187,9 @@ def cv(x: np.ndarray) -> float | None:
     return float(np.std(x, ddof=1) / np.mean(x))
 
 
-def bootstrap_summary(
-    x: Sequence[float] | np.ndarray, *, resamples: int = 2000, alpha: float = 0.05, seed: int | np.random.Generator = 0,
-    quantiles: dict[str, float] = QUANTILES,
-) -> Summary:
-    """Mean, quantiles and CV of one sample, each with a percentile-bootstrap interval."""
-    x = np.asarray(x, dtype=float)
-    x = x[np.isfinite(x)]
-    rng = np.random.default_rng(seed)
-    n = x.size
-    if n == 0:
-        return Summary(0, NO_INTERVAL, {k: NO_INTERVAL for k in quantiles}, NO_INTERVAL)
-    xs = np.sort(x)
-    qints = {k: percentile_interval(sorted_quantile(xs, q), bootstrap_quantile_draws(xs, q, resamples, rng), alpha, n)
-             for k, q in quantiles.items()}
-    eng = CountBootstrap(n, resamples, rng)
-    center = float(x.mean())
-    one, s1, s2 = eng.column(np.ones(n)), eng.column(x - center), eng.column((x - center) ** 2)
-    sums, _ = eng.run()
-    means, sds = _moments(sums, one, s1, s2, center)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cvs = sds / means
-    return Summary(
-        n, percentile_interval(center, means, alpha, n), qints, percentile_interval(cv(x), cvs, alpha, n),
-        {k: (q >= 0.99 and n < P99_MIN_N) for k, q in quantiles.items()},
-    )
-
-
-def coefficient_of_variation(x: Sequence[float] | np.ndarray, *, resamples: int = 2000, alpha: float = 0.05,
-                             seed: int | np.random.Generator = 0) -> Interval:
-    """CV (ddof=1) with a percentile-bootstrap interval."""
-    return bootstrap_summary(x, resamples=resamples, alpha=alpha, seed=seed, quantiles={}).cv
-
-
-def paired_ratio_bootstrap(
-    control: Sequence[float] | np.ndarray, candidate: Sequence[float] | np.ndarray, *, resamples: int = 2000,
-    alpha: float = 0.05, seed: int | np.random.Generator = 0,
-) -> dict[str, Interval]:
-    """Ratios candidate/control of mean, p50, p95 and CV, resampling pairs (both values finite)."""
-    a = np.asarray(control, dtype=float)
-    b = np.asarray(candidate, dtype=float)
-    keep = np.isfinite(a) & np.isfinite(b)
-    a, b = a[keep], b[keep]
-    return _paired_ratios(a, b, np.ones(a.size, bool), resamples, alpha, np.random.default_rng(seed))
-
-
-def _ratio(x: float | None, y: float | None) -> float | None:
+def ratio(x: float | None, y: float | None) -> float | None:
+    """x / y, or None when either is undefined or y is 0."""
     return None if x is None or y is None or y == 0 else x / y
-
-
-def register_paired(eng: CountBootstrap, ctrl: np.ndarray, cand: np.ndarray, valid: np.ndarray) -> dict:
-    """Register the columns/quantiles a paired ratio comparison needs on an engine."""
-    cc, ca = (float(np.mean(ctrl[valid])), float(np.mean(cand[valid]))) if valid.any() else (0.0, 0.0)
-    v = valid.astype(float)
-    return {
-        "valid": valid, "center": (cc, ca),
-        "cnt": eng.column(v),
-        "ctrl": (eng.column(np.where(valid, ctrl - cc, 0.0)), eng.column(np.where(valid, (ctrl - cc) ** 2, 0.0))),
-        "cand": (eng.column(np.where(valid, cand - ca, 0.0)), eng.column(np.where(valid, (cand - ca) ** 2, 0.0))),
-        "q_ctrl": eng.quantiles(ctrl, valid, (0.5, 0.95)),
-        "q_cand": eng.quantiles(cand, valid, (0.5, 0.95)),
-    }
-
-
-def paired_intervals(reg: dict, sums: np.ndarray, qdraws: list[np.ndarray], ctrl: np.ndarray, cand: np.ndarray,
-                     alpha: float) -> dict[str, Interval]:
-    """Ratio intervals (mean, p50, p95, cv) from an engine run set up by `register_paired`."""
-    valid = reg["valid"]
-    a, b = ctrl[valid], cand[valid]
-    if a.size == 0:
-        return {k: NO_INTERVAL for k in ("mean", "p50", "p95", "cv")}
-    cc, ca = reg["center"]
-    mean_a, sd_a = _moments(sums, reg["cnt"], *reg["ctrl"], cc)
-    mean_b, sd_b = _moments(sums, reg["cnt"], *reg["cand"], ca)
-    qa, qb = qdraws[reg["q_ctrl"]], qdraws[reg["q_cand"]]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        draws = {"mean": mean_b / mean_a, "p50": qb[:, 0] / qa[:, 0], "p95": qb[:, 1] / qa[:, 1],
-                 "cv": (sd_b / mean_b) / (sd_a / mean_a)}
-    est = {
-        "mean": _ratio(float(b.mean()), float(a.mean())),
-        "p50": _ratio(float(np.quantile(b, 0.5)), float(np.quantile(a, 0.5))),
-        "p95": _ratio(float(np.quantile(b, 0.95)), float(np.quantile(a, 0.95))),
-        "cv": _ratio(cv(b), cv(a)),
-    }
-    return {k: percentile_interval(est[k], draws[k], alpha, int(a.size)) for k in draws}
-
-
-def _paired_ratios(a, b, valid, resamples, alpha, rng) -> dict[str, Interval]:
-    eng = CountBootstrap(a.size, resamples, rng)
-    reg = register_paired(eng, a, b, valid)
-    sums, qd = eng.run()
-    return paired_intervals(reg, sums, qd, a, b, alpha)
 
 
 # -- paired location tests ------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""What every target (local, modal, external) hands the rest of the pipeline: an Endpoint.
+"""What every target (local, modal, external) is and hands the rest of the pipeline.
+
+`Target` is the protocol each target implements (arms/local.py, arms/modal.py, arms/external.py;
+arms/targets.py maps a TargetKind to its implementation), so the phases, the dry run and the
+canary ask the target instead of comparing target names. `Endpoint` is what a started (or
+looked-up) arm is: where it answers and how to reach it.
 
 API keys never enter the run store: an Endpoint names where its key lives (`key_ref`), and the
 key itself is read only when a request is sent. Per-run keys of local servers live in the
@@ -9,11 +14,20 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from pydantic import BaseModel
 
-from guided_ab.config import ConfigError
+from guided_ab.config import Arm, ConfigError, ExperimentConfig, TargetKind
+from guided_ab.errors import RunStateError
+
+if TYPE_CHECKING:  # the store imports pandas; a target only needs its type here
+    from guided_ab.store import RunStore
+
+Log = Callable[[str], None]
 
 
 def state_dir() -> Path:
@@ -26,7 +40,7 @@ def state_dir() -> Path:
 class Endpoint(BaseModel):
     run_id: str
     arm: str
-    target: str  # local | modal | external
+    target: TargetKind
     base_url: str  # ends before /v1
     model: str  # the model name requests must carry
     backend: str  # the configured structured-output backend
@@ -64,5 +78,69 @@ def resolve_key(key_ref: str | None) -> str | None:
         try:
             return Path(where).read_text().strip()
         except OSError:
-            raise ConfigError(f"the API key file {where} is gone: re-run the deploy phase for this run") from None
-    raise ConfigError(f"unknown key reference {key_ref!r}")
+            raise RunStateError(f"the API key file {where} is gone: re-run the deploy phase for this run") from None
+    raise RunStateError(f"unknown key reference {key_ref!r} in the run's endpoints.json: re-run the deploy phase")
+
+
+@dataclass(frozen=True)
+class StartEstimate:
+    """What the dry run shows of one arm on its target, before anything is started."""
+
+    where: str  # Modal app name, external URL, or "this machine"
+    gpu: str  # "H100 x 4" or "-"
+    cost_per_hour: float  # USD per hour the arm is held
+    startup_s: float  # assumed start-up time (0 when this run starts nothing)
+    max_startup_s: float  # the longest start-up the target allows before it fails
+
+
+class Target(Protocol):
+    """Where an arm is served. One implementation per TargetKind; `targets.target_for(kind)` finds it.
+
+    Adding a target = one class implementing this (and its TargetKind in config.py, and a row
+    in targets.py); nothing else compares target names.
+    """
+
+    kind: TargetKind
+    # its servers run on this machine and share its cores: the deploy phase pins each to a core
+    # or, when cores are short, starts them one after the other
+    shares_local_cores: bool
+    # a repeated teardown stops it again (cheap and certain for a local process); otherwise the
+    # first teardown's entry is kept (a remote stop costs an API call and is already recorded)
+    stop_again: bool
+    # a first start may take its whole (long) startup timeout: the dry run shows that cost too
+    slow_start: bool
+    # the dry run's label for `StartEstimate.where` ("app" or "where")
+    where_label: str
+
+    def prepare(self, arm: Arm, log: Log = print) -> None:
+        """What must exist before the arm can start (e.g. a converted checkpoint)."""
+        ...
+
+    def start(self, arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoint:
+        """Start (or look up) the arm's endpoint; returns without waiting for it to answer."""
+        ...
+
+    def start_deadline(self, cfg: ExperimentConfig, arm_name: str) -> float:
+        """Seconds the deploy phase waits for this arm to answer."""
+        ...
+
+    def wait(self, ep: Endpoint, deadline_s: float) -> float:
+        """Wait until the endpoint answers; seconds waited. ArmNotReady (transient) at the deadline."""
+        ...
+
+    def stop(self, ep: Endpoint) -> bool:
+        """Stop what this run started; True if something was running. Tolerates a stopped endpoint."""
+        ...
+
+    def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
+             force: bool = False) -> list[str]:
+        """Stop what crashed runs left behind on this target; one line per thing stopped."""
+        ...
+
+    def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:
+        """The dry run's view of the arm. `startup_s`: assumed start-up per TargetKind (absent: nothing starts)."""
+        ...
+
+    def describe(self, arm: Arm) -> list[str]:
+        """Extra lines the dry run prints under the arm (e.g. GPU and timeouts)."""
+        ...

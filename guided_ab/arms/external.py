@@ -1,29 +1,76 @@
-"""External target: an OpenAI-compatible endpoint someone else runs (e.g. today's production)."""
+"""External target: an OpenAI-compatible endpoint someone else runs (e.g. today's production).
+
+Nothing is started or stopped: the arm's endpoint is built from its URL and key variable
+(`endpoint`, also used by the production canary), and the deploy phase only waits for it to answer.
+"""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import httpx
+from guided_ab.arms.base import Endpoint, Log, StartEstimate, Target
+from guided_ab.arms.ready import wait_until_ready
+from guided_ab.config import Arm, ConfigError, ExperimentConfig, TargetKind
 
-from guided_ab.arms.base import Endpoint, resolve_key
+if TYPE_CHECKING:
+    from guided_ab.store import RunStore
+
+
+def endpoint(
+    *, run_id: str, arm: str, url: str, model: str, backend: str, api_key_env: str | None = None,
+    cost_per_hour: float = 0.0,
+) -> Endpoint:
+    """The Endpoint of an external server: its base URL (without /v1) and where its key lives."""
+    return Endpoint(
+        run_id=run_id, arm=arm, target="external", base_url=url.rstrip("/").removesuffix("/v1"), model=model,
+        backend=backend, key_ref=f"env:{api_key_env}" if api_key_env else None, cost_per_hour=cost_per_hour,
+    )
 
 
 def wait_ready(ep: Endpoint, deadline_s: float, *, poll_s: float = 2.0) -> float:
     """Wait until GET /v1/models answers 200 (a cold-starting endpoint may answer 503 first)."""
-    key = resolve_key(ep.key_ref)
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    t0 = time.monotonic()
-    last = "no answer"
-    while time.monotonic() - t0 < deadline_s:
-        try:
-            r = httpx.get(ep.base_url + "/v1/models", headers=headers, timeout=10)
-            if r.status_code == 200:
-                return time.monotonic() - t0
-            last = f"HTTP {r.status_code}"
-            if r.status_code in (401, 403):
-                raise RuntimeError(f"endpoint of arm '{ep.arm}' refused our API key ({last}): check the key variable")
-        except httpx.HTTPError as err:
-            last = type(err).__name__
-        time.sleep(poll_s)
-    raise RuntimeError(f"endpoint of arm '{ep.arm}' ({ep.base_url}) not ready within {deadline_s:g} s (last: {last})")
+    return wait_until_ready(ep, deadline_s, what=f"endpoint of arm '{ep.arm}' ({ep.base_url})", poll_s=poll_s)
+
+
+class ExternalTarget:
+    """An endpoint that is already running: looked up, waited for, never started or stopped."""
+
+    kind: TargetKind = "external"
+    shares_local_cores = False
+    stop_again = False
+    slow_start = False
+    where_label = "where"
+
+    def prepare(self, arm: Arm, log: Log = print) -> None:
+        pass  # nothing to prepare: someone else runs it
+
+    def start(self, arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoint:
+        if not arm.url:  # the config refuses this already; kept for arms built in code
+            raise ConfigError(f"arm '{arm.name}': target 'external' needs 'url'")
+        return endpoint(
+            run_id=store.run_id, arm=arm.name, url=arm.url, model=arm.model, backend=arm.backend,
+            api_key_env=arm.api_key_env, cost_per_hour=arm.cost_per_hour,
+        )
+
+    def start_deadline(self, cfg: ExperimentConfig, arm_name: str) -> float:
+        return cfg.server_start_timeout_s
+
+    def wait(self, ep: Endpoint, deadline_s: float) -> float:
+        return wait_ready(ep, deadline_s)
+
+    def stop(self, ep: Endpoint) -> bool:
+        return False  # never ours to stop
+
+    def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
+             force: bool = False) -> list[str]:
+        return []
+
+    def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:
+        return StartEstimate(where=arm.url or "-", gpu="-", cost_per_hour=arm.cost_per_hour, startup_s=0.0, max_startup_s=0.0)
+
+    def describe(self, arm: Arm) -> list[str]:
+        return []
+
+
+TARGET: Target = ExternalTarget()

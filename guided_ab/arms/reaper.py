@@ -6,23 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from guided_ab.arms import local
+from guided_ab.arms.targets import TARGET_MODULES, target_for
 
 
 def reap_everything(
     *, run_id: str | None = None, older_than_s: float = 0.0, modal_prefix: str | None = None,
     force: bool = False, log: Callable[[str], None] = print,
 ) -> list[str]:
+    """Ask every target to stop its leftovers (Modal's only with `modal_prefix`); one line per thing stopped."""
     stopped = []
-    for rec in local.reap(run_id=run_id, older_than_s=older_than_s, force=force):
-        msg = f"stopped local server pid={rec['pid']} port={rec['port']} run={rec['run_id']} arm={rec['arm']}"
-        log(msg)
-        stopped.append(msg)
-    if modal_prefix:
-        from guided_ab.arms import modal as modal_target
-
-        for name in modal_target.reap(modal_prefix, older_than_s):
-            msg = f"stopped Modal app {name}"
+    for kind in TARGET_MODULES:
+        for msg in target_for(kind).reap(run_id=run_id, older_than_s=older_than_s, prefix=modal_prefix, force=force):
             log(msg)
             stopped.append(msg)
     return stopped

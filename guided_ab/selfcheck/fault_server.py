@@ -46,7 +46,6 @@ import re
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -54,6 +53,11 @@ import uuid
 from collections import Counter
 from http import HTTPStatus
 from typing import Any
+
+from guided_ab.selfcheck.fault_process import FaultProcess, spawn
+from guided_ab.selfcheck.instances import minimal_instance
+
+__all__ = ["ATTRIBUTION_HEADER", "FAULT_HEADER", "MODES", "FaultProcess", "FaultServer", "main", "minimal_instance", "spawn"]
 
 # the same header guided_ab.arms.vllm_args.ATTRIBUTION_HEADER names (not imported: this module must
 # start fast and without the package's dependencies when it runs as a subprocess)
@@ -65,148 +69,6 @@ MODES = (
 )
 MAX_BODY = 64 * 1024 * 1024
 _SCHEMA_MODE = re.compile(r"fault-([a-z_]+)")
-
-
-# -- a minimal instance of a JSON schema -------------------------------------------------------
-_FORMATS = {
-    "date-time": "2025-01-01T00:00:00Z", "date": "2025-01-01", "time": "00:00:00Z", "email": "a@example.com",
-    "idn-email": "a@example.com", "uri": "https://example.com/", "iri": "https://example.com/",
-    "uri-reference": "https://example.com/", "url": "https://example.com/", "hostname": "example.com",
-    "idn-hostname": "example.com", "ipv4": "127.0.0.1", "ipv6": "::1",
-    "uuid": "00000000-0000-4000-8000-000000000000", "duration": "P1D", "regex": "a",
-}
-
-
-def _resolve(ref: str, root: Any) -> Any:
-    if not ref.startswith("#"):
-        return {}
-    node = root
-    for part in ref[1:].split("/"):
-        if not part:
-            continue
-        part = part.replace("~1", "/").replace("~0", "~")
-        if isinstance(node, dict) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return {}
-    return node
-
-
-def _number(schema: dict, integer: bool) -> int | float:
-    lo = schema.get("minimum")
-    xlo = schema.get("exclusiveMinimum")
-    hi = schema.get("maximum")
-    xhi = schema.get("exclusiveMaximum")
-    v: float = 0
-    if isinstance(lo, (int, float)) and not isinstance(lo, bool):
-        v = max(v, lo) if not (isinstance(hi, (int, float)) and hi < 0) else lo
-    if isinstance(xlo, (int, float)) and not isinstance(xlo, bool) and v <= xlo:
-        v = math.floor(xlo) + 1 if integer else xlo + 0.5
-    if isinstance(hi, (int, float)) and not isinstance(hi, bool) and v > hi:
-        v = hi
-    if isinstance(xhi, (int, float)) and not isinstance(xhi, bool) and v >= xhi:
-        v = math.ceil(xhi) - 1 if integer else xhi - 0.5
-    m = schema.get("multipleOf")
-    if isinstance(m, (int, float)) and not isinstance(m, bool) and m > 0:
-        v = math.ceil(v / m) * m
-    if integer:
-        return int(math.ceil(v))
-    return float(v)
-
-
-def minimal_instance(schema: Any, root: Any = None, depth: int = 0) -> Any:
-    """A small JSON value meant to validate against `schema`.
-
-    Handles types, enum/const, required properties, min sizes, numeric bounds, formats, local
-    $refs and the first branch of anyOf/oneOf. `pattern` is not honoured (a string of "a"s is
-    sent), so a schema with a pattern may get a schema_violation from the healthy mode.
-    """
-    root = schema if root is None else root
-    if depth > 64 or schema is True or not isinstance(schema, dict):
-        return {} if schema is not False else None
-    if "$ref" in schema and isinstance(schema["$ref"], str):
-        merged = {**_resolve(schema["$ref"], root), **{k: v for k, v in schema.items() if k != "$ref"}}
-        return minimal_instance(merged, root, depth + 1)
-    if "const" in schema:
-        return schema["const"]
-    if isinstance(schema.get("enum"), list) and schema["enum"]:
-        return schema["enum"][0]
-    if isinstance(schema.get("allOf"), list) and schema["allOf"]:
-        merged = dict(schema)
-        del merged["allOf"]
-        for sub in schema["allOf"]:
-            if isinstance(sub, dict):
-                for k, v in sub.items():
-                    if k == "properties" and isinstance(v, dict):
-                        merged["properties"] = {**merged.get("properties", {}), **v}
-                    elif k == "required" and isinstance(v, list):
-                        merged["required"] = [*merged.get("required", []), *v]
-                    else:
-                        merged.setdefault(k, v)
-        return minimal_instance(merged, root, depth + 1)
-    for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list) and schema[key]:
-            rest = {k: v for k, v in schema.items() if k != key}
-            branch = schema[key][0]
-            return minimal_instance({**rest, **branch} if isinstance(branch, dict) else branch, root, depth + 1)
-    t = schema.get("type")
-    if isinstance(t, list):
-        t = next((x for x in t if x != "null"), "null")
-    if t is None:
-        if "properties" in schema or "required" in schema:
-            t = "object"
-        elif "items" in schema or "prefixItems" in schema:
-            t = "array"
-        else:
-            return {}
-    if t == "object":
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        required = [r for r in schema.get("required", []) if isinstance(r, str)]
-        out = {}
-        for name in required:
-            out[name] = minimal_instance(props.get(name, {}), root, depth + 1)
-        want = schema.get("minProperties", 0)
-        for name, sub in props.items():
-            if not isinstance(want, int) or len(out) >= want:
-                break
-            out.setdefault(name, minimal_instance(sub, root, depth + 1))
-        return out
-    if t == "array":
-        prefix = schema.get("prefixItems") if isinstance(schema.get("prefixItems"), list) else []
-        out = [minimal_instance(s, root, depth + 1) for s in prefix]
-        n = schema.get("minItems", 0)
-        n = n if isinstance(n, int) else 0
-        items = schema.get("items", {})
-        i = 0
-        while len(out) < n:
-            item = minimal_instance(items, root, depth + 1)
-            if schema.get("uniqueItems") and isinstance(item, (int, float)) and not isinstance(item, bool):
-                item = item + i
-            elif schema.get("uniqueItems") and isinstance(item, str):
-                item = item + "a" * i
-            out.append(item)
-            i += 1
-        return out
-    if t == "string":
-        fmt = schema.get("format")
-        if fmt in _FORMATS:
-            return _FORMATS[fmt]
-        lo = schema.get("minLength", 1)
-        lo = lo if isinstance(lo, int) and lo >= 0 else 1
-        hi = schema.get("maxLength")
-        n = max(lo, 1)
-        if isinstance(hi, int) and hi < n:
-            n = hi
-        return "a" * n
-    if t == "integer":
-        return _number(schema, True)
-    if t == "number":
-        return _number(schema, False)
-    if t == "boolean":
-        return True
-    return None
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -327,14 +189,16 @@ class FaultServer:
 
     # -- HTTP -----------------------------------------------------------------------------------
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._conns.add(task)
+        task = asyncio.current_task()  # the connection's task (a start_server callback always has one)
+        if task is not None:
+            self._conns.add(task)
         try:
             await self._connection(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError):
             pass
         finally:
-            self._conns.discard(task)
+            if task is not None:
+                self._conns.discard(task)
             if not writer.is_closing():
                 writer.close()
 
@@ -551,68 +415,6 @@ class FaultServer:
                     pass
         except TimeoutError:
             pass
-
-
-# -- as a process --------------------------------------------------------------------------------
-class FaultProcess:
-    """A fault server in a child process (its own process group), e.g. to SIGKILL it mid-run."""
-
-    def __init__(self, proc: subprocess.Popen, url: str):
-        self.proc = proc
-        self.url = url
-        self.pid = proc.pid
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would; returns once the process is gone."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def __enter__(self) -> FaultProcess:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def spawn(mode: str = "healthy", *, api_key: str | None = None, log_path: str | None = None,
-          **options: float | int | str) -> FaultProcess:
-    """Start `python -m guided_ab.selfcheck.fault_server` in its own session; the key travels in the environment."""
-    env = dict(os.environ)
-    cmd = [sys.executable, "-m", "guided_ab.selfcheck.fault_server", "--mode", mode, "--port", "0"]
-    if api_key:
-        env["GUIDED_AB_FAULT_KEY"] = api_key
-        cmd += ["--key-env", "GUIDED_AB_FAULT_KEY"]
-    for k, v in options.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-    finally:
-        if log_path:
-            log.close()
-    line = proc.stdout.readline().decode().strip() if proc.stdout else ""
-    if not line.startswith("listening "):
-        proc.kill()
-        proc.wait(5)
-        raise RuntimeError(f"the fault server did not start (said {line!r}); see {log_path or 'its stderr'}")
-    return FaultProcess(proc, line.split(" ", 1)[1])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,306 @@
+"""The report model: everything a run's outputs show, gathered once from the run's results.
+
+report.md, report.html, the PNGs, the CLI tables and the Prefect artifacts are siblings that read
+this one typed object and never each other (guidellm's benchmark outputs are the pattern). It is
+built from what the run store holds: the config, evaluation.json, decision.json, the request
+records and teardown.json. Numbers come from the evaluation as evaluation.py computed them (the
+p50/p95 in a plot's legend included); the records only feed what the evaluation does not keep
+(the plots' points, per-subset failure counts, error messages, the drift check).
+
+`Summary` is the part that needs only evaluation.json and decision.json (the CLI tables read
+many runs and load nothing else); `ReportModel` holds it with the rest. `version` changes when
+the shape changes in a way a reader must know about.
+
+Plots and tables use the same rows as the statistics (evaluation.py): the A/B phase without
+warm-ups; latency and TTFT over requests that got an answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+
+from guided_ab.analysis.evaluation import ANSWERED_OUTCOMES
+from guided_ab.config import ExperimentConfig
+from guided_ab.records import RECORD_COLUMNS
+from guided_ab.reports.format import ARM_COLORS, counts_text, interval, num, verdict_text
+
+REPORT_MODEL_VERSION = 1
+
+
+def dig(d: Any, *path: str) -> Any:
+    """d[path[0]][path[1]]...; None where a level is missing or not a mapping."""
+    for p in path:
+        if not isinstance(d, Mapping):
+            return None
+        d = d.get(p)
+    return d
+
+
+# -- rows shared by every output -------------------------------------------------------------------
+def arm_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per arm: the seed's comparison table (success, latency, backend, variability, cost)."""
+    rows = []
+    for name, a in evaluation.get("arms", {}).items():
+        lat = a.get("latency", {})
+        backend = a.get("backend", {})
+        counts = backend.get("counts", {})
+        rows.append({
+            "arm": name,
+            "role": a.get("role"),
+            "backend (configured)": a.get("configured_backend"),
+            "n": a.get("n"),
+            "success rate [95% CI]": interval(a.get("success", {}).get("rate"), "{:.1%}"),
+            "latency p50 s": interval(lat.get("p50")),
+            "latency p95 s": interval(lat.get("p95")),
+            "TTFT p50 s": interval(a.get("ttft", {}).get("p50")),
+            "CV": interval(a.get("cv") or lat.get("cv")),
+            "backend used": counts_text(counts) or "n/a",
+            "failures": counts_text({k: v for k, v in a.get("outcomes", {}).items() if k != "success" and v}) or "none",
+            "cost USD": num(a.get("cost", {}).get("usd"), "{:.4f}"),
+        })
+    return rows
+
+
+def criteria_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per pre-registered criterion: estimate, interval, margin, verdict."""
+    return [
+        {
+            "criterion": c.get("name"), "candidate": c.get("candidate"),
+            "estimate": num(c.get("estimate"), "{:.3f}"),
+            "95% CI": f"[{num(c.get('ci_low'), '{:.3f}')}, {num(c.get('ci_high'), '{:.3f}')}]",
+            "margin": num(c.get("margin"), "{:.3f}"), "verdict": c.get("verdict"),
+        }
+        for c in decision.get("criteria", [])
+    ]
+
+
+@dataclass(frozen=True)
+class ArmGlance:
+    """An arm's two headline numbers (the list of runs shows them)."""
+
+    name: str
+    success_rate: float | None
+    latency_p50: float | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run decided and its per-arm and per-criterion rows: evaluation.json and decision.json only."""
+
+    run_id: str
+    verdict: str
+    verdict_text: str
+    serve: Any
+    control: Any
+    candidates: list[str]
+    reasons: list[str]
+    n_pairs: int  # the most pairs any candidate had with the control
+    arm_rows: list[dict[str, Any]]
+    criteria_rows: list[dict[str, Any]]
+    arms: list[ArmGlance]
+
+    @classmethod
+    def from_results(cls, evaluation: Mapping[str, Any], decision: Mapping[str, Any], run_id: str) -> Summary:
+        verdict = str(decision.get("verdict", "?"))
+        return cls(
+            run_id=run_id, verdict=verdict, verdict_text=verdict_text(verdict), serve=decision.get("serve"),
+            control=evaluation.get("control"), candidates=list(evaluation.get("candidates") or []),
+            reasons=list(decision.get("reasons", [])),
+            n_pairs=max((int(c.get("n_pairs", 0)) for c in (evaluation.get("comparisons") or {}).values()), default=0),
+            arm_rows=arm_rows(evaluation), criteria_rows=criteria_rows(decision),
+            arms=[ArmGlance(n, dig(a, "success", "rate", "estimate"), dig(a, "latency", "p50", "estimate"))
+                  for n, a in evaluation.get("arms", {}).items()],
+        )
+
+    @classmethod
+    def load(cls, run_dir: Path) -> Summary:
+        """From a run directory's evaluation.json and decision.json (OSError, ValueError if unreadable)."""
+        evaluation = json.loads((run_dir / "evaluation.json").read_text())
+        decision = json.loads((run_dir / "decision.json").read_text())
+        return cls.from_results(evaluation, decision, run_dir.name)
+
+
+# -- the records, split once -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Records:
+    """The request records the plots and record tables use, split once."""
+
+    all: pd.DataFrame
+    ab: pd.DataFrame  # A/B phase, warm-ups excluded: the rows of the statistics
+    observe: pd.DataFrame  # observe phase, warm-ups excluded
+    answered: pd.DataFrame  # A/B rows that got an answer (the latency basis)
+    arms: list[str]  # the configured arms, then any arm only the records know
+
+    @classmethod
+    def build(cls, records: pd.DataFrame | None, arms: list[str]) -> Records:
+        df = records if records is not None and len(records) else pd.DataFrame(columns=RECORD_COLUMNS)
+        df = df.copy()
+        for c in ("latency_s", "ttft_s", "sent_at"):
+            df[c] = pd.to_numeric(df[c], errors="coerce")
+        df["warmup"] = df["warmup"].fillna(False).astype(bool)
+        df["backend"] = df["backend"].where(df["backend"].notna(), "unknown").astype(str)
+        df["subset"] = df["subset"].where(df["subset"].notna(), "?").astype(str)
+        ab = df[(df["phase"] == "ab") & ~df["warmup"]]
+        extra = sorted(set(ab["arm"].astype(str)) - set(arms))
+        return cls(all=df, ab=ab, observe=df[(df["phase"] == "observe") & ~df["warmup"]],
+                   answered=ab[ab["outcome"].isin(ANSWERED_OUTCOMES)], arms=list(arms) + extra)
+
+    @staticmethod
+    def arm(frame: pd.DataFrame, arm: str) -> pd.DataFrame:
+        return frame[frame["arm"] == arm]
+
+
+@dataclass(frozen=True)
+class Quantiles:
+    """One arm's n, p50 and p95 of one metric, as evaluation.py computed them (plot legends)."""
+
+    n: int | None
+    p50: float | None
+    p95: float | None
+
+
+@dataclass(frozen=True)
+class ErrorMessage:
+    """One of the most frequent error messages of failed A/B requests (first 160 characters)."""
+
+    arm: str
+    outcome: str
+    count: int
+    message: str
+
+
+@dataclass(frozen=True)
+class DriftRow:
+    """One arm's latency trend over the A/B phase in send order (answered requests)."""
+
+    arm: str
+    answered: int
+    p50_first_third: float
+    p50_last_third: float
+    spearman_rho: float
+    spearman_p: float
+
+
+@dataclass(frozen=True)
+class ReportModel:
+    """Everything report.md, report.html and its plots show; build it with `build_report`."""
+
+    version: int
+    run_id: str
+    cfg: ExperimentConfig
+    evaluation: dict[str, Any]
+    decision: dict[str, Any]
+    summary: Summary
+    colors: dict[str, str]  # arm -> plot and card colour (configured arms; others draw near-black)
+    records: Records
+    teardown: dict[str, Any]  # teardown.json: how long each endpoint was held
+    quantiles: dict[str, dict[str, Quantiles]]  # "latency" | "ttft" -> arm -> numbers from the evaluation
+    subsets: pd.DataFrame  # per schema subset and arm: n, failed, top failure, failure rate
+    backend_mix: list[tuple[str, dict[str, int]]]  # ("A/B · arm" | "observe · arm", resolved backend counts)
+    errors: list[ErrorMessage] = field(default_factory=list)
+    drift: list[DriftRow] = field(default_factory=list)
+
+    @property
+    def arms(self) -> list[str]:
+        """Display order: control, candidates, then any arm only the records know."""
+        return self.records.arms
+
+    def arm_result(self, arm: str) -> dict[str, Any] | None:
+        """The arm's entry in evaluation.json (None for an arm the evaluation does not know)."""
+        a = dig(self.evaluation, "arms", arm)
+        return a if isinstance(a, dict) else None
+
+    def with_records(self, records: pd.DataFrame | None, teardown: Mapping[str, Any] | None = None) -> ReportModel:
+        """The same results with the records (and teardown.json) behind the plots added."""
+        return build_report(self.cfg, self.evaluation, self.decision, self.run_id, records, teardown)
+
+
+def build_report(cfg: ExperimentConfig, evaluation: dict[str, Any], decision: dict[str, Any], run_id: str,
+                 records: pd.DataFrame | None = None, teardown: Mapping[str, Any] | None = None) -> ReportModel:
+    """The report model of a run. Without records the record-based parts are empty (report.md
+    needs none of them)."""
+    arms = [evaluation.get("control") or cfg.control.name, *(evaluation.get("candidates") or [a.name for a in cfg.candidates])]
+    arms = [a for a in arms if a]
+    data = Records.build(records, arms)
+    quantiles = {
+        metric: {arm: Quantiles(dig(evaluation, "arms", arm, metric, "n"), dig(evaluation, "arms", arm, metric, "p50", "estimate"),
+                                dig(evaluation, "arms", arm, metric, "p95", "estimate"))
+                 for arm in data.arms}
+        for metric in ("latency", "ttft")
+    }
+    return ReportModel(
+        version=REPORT_MODEL_VERSION, run_id=run_id, cfg=cfg, evaluation=evaluation, decision=decision,
+        summary=Summary.from_results(evaluation, decision, run_id),
+        colors={a: ARM_COLORS[i % len(ARM_COLORS)] for i, a in enumerate(arms)},
+        records=data, teardown=dict(teardown or {"arms": []}), quantiles=quantiles,
+        subsets=_subset_table(data), backend_mix=_backend_mix(data), errors=_error_messages(data), drift=_drift(data),
+    )
+
+
+# -- record-based parts ----------------------------------------------------------------------------
+def _subset_table(data: Records) -> pd.DataFrame:
+    ab = data.ab
+    if ab.empty:
+        return pd.DataFrame()
+    g = ab.groupby(["subset", "arm"], sort=True)
+    out = g.size().rename("n").to_frame()
+    out["failed"] = g["outcome"].agg(lambda s: int((s != "success").sum()))
+    out["top failure"] = g["outcome"].agg(
+        lambda s: (lambda vc: f"{vc.index[0]} {int(vc.iloc[0])}" if len(vc) else "")(s[s != "success"].value_counts())
+    )
+    out["failure rate"] = out["failed"] / out["n"]
+    out = out.reset_index()
+    rank = {a: i for i, a in enumerate(data.arms)}
+    return out.sort_values(["subset", "arm"], key=lambda s: s.map(rank) if s.name == "arm" else s, kind="stable")
+
+
+def _backend_mix(data: Records) -> list[tuple[str, dict[str, int]]]:
+    rows = []
+    for label, frame in (("A/B", data.ab), ("observe", data.observe)):
+        for arm in data.arms:
+            f = data.arm(frame, arm)
+            if len(f):
+                rows.append((f"{label} · {arm}", {str(b): int(k) for b, k in f["backend"].value_counts().items()}))
+    return rows
+
+
+def _error_messages(data: Records) -> list[ErrorMessage]:
+    ab = data.ab
+    errs = ab[(ab["outcome"] != "success") & ab["error"].notna()] if "error" in ab else ab.iloc[:0]
+    if not len(errs):
+        return []
+    top = errs.assign(msg=errs["error"].astype(str).str.slice(0, 160)).groupby(["arm", "outcome", "msg"]).size()
+    out = []
+    for key, k in top.sort_values(ascending=False).head(12).items():
+        arm, outcome, msg = cast(tuple[Any, Any, Any], key)
+        out.append(ErrorMessage(str(arm), str(outcome), int(k), str(msg)))
+    return out
+
+
+def _drift(data: Records) -> list[DriftRow]:
+    """Median latency of the first and last third of each arm's answered requests, and Spearman's
+    rho of latency against send order; [] if it cannot be computed (a drift check never fails a report)."""
+    try:
+        from scipy import stats as sps
+
+        rows = []
+        for arm in data.arms:
+            f = data.arm(data.answered, arm).sort_values("sent_at")
+            lat = f["latency_s"].to_numpy(dtype=float)
+            lat = lat[np.isfinite(lat)]
+            if lat.size < 6:
+                continue
+            k = lat.size // 3
+            rho = sps.spearmanr(np.arange(lat.size), lat)
+            rows.append(DriftRow(arm, int(lat.size), float(np.median(lat[:k])), float(np.median(lat[-k:])),
+                                 float(rho.statistic), float(rho.pvalue)))
+        return rows
+    except Exception:  # noqa: BLE001
+        return []
