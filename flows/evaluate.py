@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import flow
 
 from guided_ab.config import DecisionOverrides
-from tasks.analysis import decide_run, evaluate_run
-from tasks.artifacts import publish_results
+from tasks.analysis import evaluate_run
 
+from ._approval import decide_and_publish
 from ._common import DEFAULT_STORE, open_run
 
 
@@ -21,10 +21,8 @@ def evaluate(
 ) -> dict:
     """Re-compute evaluation.json and, unless decide=False (the experiment flow decides in its
     next phase), decision.json and the reports. Thresholds override the config's, recorded as such."""
-    rs, _ = open_run(run_id, store)
+    rs, cfg = open_run(run_id, store)
     evaluation = evaluate_run(rs, thresholds)
     if not decide:
         return {"gates": evaluation.get("gates", []), "valid": evaluation.get("valid")}
-    decision = decide_run(rs, thresholds)
-    publish_results(rs)
-    return decision
+    return decide_and_publish(rs, cfg, thresholds)

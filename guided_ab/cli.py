@@ -10,12 +10,18 @@ import atexit
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.style import Style
+from rich.text import Text
 
 from guided_ab.config import ConfigError, DecisionOverrides, load_config
 from guided_ab.errors import UserError
+
+if TYPE_CHECKING:
+    from guided_ab.shutdown import BoundedShutdown
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -25,7 +31,8 @@ out = Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console
 
 
 def _fail(err: Exception | str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    # an error may quote a server (a log tail, an answer): printed as text, never as rich markup
+    console.print(Text.assemble(("error:", "bold red"), " ", str(err)), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -47,19 +54,19 @@ def run(
 ) -> None:
     """Run a whole experiment (deploy, observe, A/B, teardown, evaluate, decide) through Prefect."""
     from guided_ab.phases import workload_items
-    from guided_ab.store import check_run_id
+    from guided_ab.store import check_run_id, new_run_id
 
     try:
         cfg = load_config(config)
         workload_items(cfg)
-        if run_id:
+        if run_id is not None:  # an empty --run-id is refused, never silently replaced by a new one
             check_run_id(run_id)
     except ConfigError as err:
         _fail(err)
     if dry_run:
         from guided_ab.dry_run import describe_plan
 
-        out.print(describe_plan(cfg), highlight=False, soft_wrap=True)
+        out.print(describe_plan(cfg), highlight=False, soft_wrap=True, markup=False)
         return
     _prefect_defaults()
     # The result line must be the last line of output: Prefect stops its temporary server (and
@@ -68,14 +75,31 @@ def run(
     atexit.register(lambda: final_line and print(final_line[0], flush=True))
     from flows.experiment import experiment
 
+    run_id = run_id or new_run_id(cfg.name)  # known here: a Ctrl-C must be able to tear this run down
+    shutdown = _shutdown(cfg.store, run_id)
     try:
-        result = experiment(config_path=str(config), run_id=run_id)
+        with shutdown:
+            result = experiment(config_path=str(config), run_id=run_id)
+    except KeyboardInterrupt:  # records kept, endpoints stopped, teardown.json written, exit 130
+        shutdown.finish_and_exit()
     except UserError as err:  # bad input or a run missing what a phase needs (RunStateError): exit 2
         _fail(err)
     except Exception as err:  # the flow failed: say why, records stay in the store
+        if shutdown.fired:  # an interrupt that surfaced as another error on its way out
+            shutdown.finish_and_exit()
         _fail(f"the experiment failed: {err}", code=1)
     _print_summary(Path(result["store"]))
     final_line.append(f"run_id={result['run_id']} decision={result['decision']} store={result['store']}")
+
+
+def _shutdown(store: str, run_id: str) -> BoundedShutdown:
+    """Ctrl-C while a flow runs: bounded, even when Prefect's API died with it (guided_ab/shutdown.py)."""
+    from guided_ab.shutdown import BoundedShutdown, finish_run
+
+    def say(message: str) -> None:
+        console.print(Text(message), highlight=False, soft_wrap=True)
+
+    return BoundedShutdown(lambda: finish_run(store, run_id, say), say=say)
 
 
 def _print_summary(run_dir: Path) -> None:
@@ -84,7 +108,7 @@ def _print_summary(run_dir: Path) -> None:
     try:
         out.print(summary_table(run_dir))
     except Exception as err:  # a summary must never hide the result line
-        console.print(f"(no summary table: {err})")
+        console.print(Text(f"(no summary table: {err})"))
 
 
 @app.command()
@@ -131,11 +155,17 @@ def _phase_command(name: str, flow_path: str, doc: str):
         import importlib
 
         flow_fn = getattr(importlib.import_module(module), fn)
+        shutdown = _shutdown(store, run_id)
         try:
-            result = flow_fn(run_id=run_id, store=store)
-        except UserError as err:  # e.g. RunStateError: "run the deploy phase first"; exit 2
+            with shutdown:
+                result = flow_fn(run_id=run_id, store=store)
+        except KeyboardInterrupt:
+            shutdown.finish_and_exit()
+        except UserError as err:  # e.g. RunStateError: "run the deploy phase first", PhaseLocked; exit 2
             _fail(err)
         except Exception as err:
+            if shutdown.fired:
+                shutdown.finish_and_exit()
             _fail(f"phase {name} failed: {err}", code=1)
         out.print(result)
 
@@ -149,6 +179,39 @@ _phase_command("ab", "flows.ab.ab", "Phase A/B: send (the rest of) the paired A/
 _phase_command("decide-teardown", "flows.decide_teardown.decide_teardown", "Phase decide/teardown: stop the run's endpoints and decide.")
 
 
+@app.command(name="continue")
+def continue_(
+    run_id: str = typer.Option(..., "--run-id"),
+    max_pairs: int = typer.Option(..., "--max-pairs", help="the new cap: A/B pairs in all, more than the run has"),
+    pairs_per_look: int | None = typer.Option(None, "--pairs-per-look", help="pairs per look (default: the config's, or the run's pairs)"),
+    store: str = STORE_OPT,
+    force: bool = typer.Option(False, "--force", help="also continue a run that is unfinished or not inconclusive"),
+) -> None:
+    """Give a finished inconclusive run more A/B pairs (sequential looks from now on) and decide again."""
+    from guided_ab.looks import check_continuable
+    from guided_ab.store import RunStore
+
+    try:
+        if pairs_per_look is not None and pairs_per_look < 1:
+            raise ConfigError("--pairs-per-look must be at least 1")
+        check_continuable(RunStore.open(store, run_id), max_pairs, force)
+    except UserError as err:  # not found, not finished, not inconclusive, nothing to add: exit 2
+        _fail(err)
+    _prefect_defaults()
+    final_line: list[str] = []
+    atexit.register(lambda: final_line and print(final_line[0], flush=True))
+    from flows.continue_run import continue_run
+
+    try:
+        result = continue_run(run_id=run_id, max_pairs=max_pairs, store=store, pairs_per_look=pairs_per_look, force=force)
+    except UserError as err:
+        _fail(err)
+    except Exception as err:
+        _fail(f"the continuation failed: {err}", code=1)
+    _print_summary(Path(result["store"]))
+    final_line.append(f"run_id={run_id} decision={result['decision']} continued={result['continued']} store={result['store']}")
+
+
 @app.command()
 def teardown(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
     """Stop every endpoint a run started (no Prefect needed)."""
@@ -157,9 +220,10 @@ def teardown(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT
 
     try:
         rs = RunStore.open(store, run_id)
-    except ConfigError as err:
+        entries = phases.teardown(rs, log=lambda m: console.print(Text(m)))
+    except UserError as err:  # not found, a damaged endpoints.json
         _fail(err)
-    for entry in phases.teardown(rs, log=lambda m: console.print(m)):
+    for entry in entries:
         out.print(entry)
 
 
@@ -182,8 +246,38 @@ def reap(
         for rec in local.leftovers():
             out.print(rec)
         return
-    stopped = reap_everything(run_id=run_id, older_than_s=older_than, modal_prefix=modal_prefix, force=force, log=out.print)
+    stopped = reap_everything(run_id=run_id, older_than_s=older_than, modal_prefix=modal_prefix, force=force,
+                              log=lambda m: out.print(Text(m)))
     print(f"reaped={len(stopped)}")
+
+
+@app.command()
+def cost(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
+    """Estimated vs billed: Modal's billing report for the run's apps (by tag) beside the estimate;
+    written to the run store as cost.json. Needs a Modal token; without one it says it cannot."""
+    from guided_ab.arms.modal_billing import NoBilling, estimated, reconcile
+    from guided_ab.store import RunStore
+
+    try:
+        rs = RunStore.open(store, run_id)
+    except ConfigError as err:
+        _fail(err)
+    try:
+        result = reconcile(rs)
+    except NoBilling as err:
+        for arm, a in estimated(rs).items():
+            out.print(f"{arm}: {a['target']}, held {a['held_h']:.2f} h, estimated ${a['estimated_usd']:.2f}, billed unknown")
+        _fail(err, code=1)
+    for arm, a in result["arms"].items():
+        billed = "-" if a["billed_usd"] is None else f"${a['billed_usd']:.2f}"
+        parts = ", ".join(f"{k} ${v:.2f}" for k, v in sorted(a["billed_by_resource"].items()))
+        out.print(f"{arm}: {a['target']}, held {a['held_h']:.2f} h, estimated ${a['estimated_usd']:.2f}, billed {billed}"
+                  + (f" ({parts})" if parts else ""), highlight=False)
+    if result["complete"] is False:
+        out.print("Modal's report leaves out the hour still running: billed figures are partial until it ends")
+    t = result["total"]
+    billed = "unknown" if t["billed_usd"] is None else f"{t['billed_usd']:.4f}"
+    print(f"run_id={run_id} estimated_usd={t['estimated_usd']:.4f} billed_usd={billed} source={result['source']!r}")
 
 
 @app.command()
@@ -222,8 +316,10 @@ def report(
         try:
             with console.status("writing the report ..."):
                 write_reports(rs, rs.load_config(), rs.read_json("evaluation.json"), rs.read_json("decision.json"))
-        except (ConfigError, OSError) as err:
+        except (UserError, OSError) as err:  # a broken config.yaml, a missing evaluation.json
             _fail(f"cannot write the report of run {run_id}: {err}")
+        except Exception as err:  # noqa: BLE001 - damaged results: say so, no traceback
+            _fail(f"cannot write the report of run {run_id} (its results look damaged): {type(err).__name__}: {err}", code=1)
     if html_only:
         print(html)
         return
@@ -231,24 +327,52 @@ def report(
 
     out.print(Markdown(rs.path("report.md").read_text()))
     _print_summary(rs.dir)
-    out.print(f"HTML report (plots): [link={html.as_uri()}]{html}[/link]", highlight=False)
+    out.print(Text.assemble("HTML report (plots): ", (str(html), Style(link=html.as_uri()))), highlight=False)
     if open_browser:
         import webbrowser
 
         if not webbrowser.open(html.as_uri()):
-            console.print(f"no browser to open here; copy {html} to a machine with one")
+            console.print(Text(f"no browser to open here; copy {html} to a machine with one"))
 
 
 @app.command()
-def simulate(experiments: int = typer.Option(400, "--experiments"), seed: int = 0, pairs: int = 200) -> None:
-    """Run synthetic experiments with known truth: interval coverage and decision error rates."""
+def simulate(
+    experiments: int = typer.Option(400, "--experiments", help="synthetic experiments in all, spread over the scenarios"),
+    seed: int = typer.Option(0, help="root seed (each experiment gets its own, spawned from it)"),
+    workers: int = typer.Option(2, help="processes"),
+    resamples: int = typer.Option(1000, help="bootstrap resamples per evaluation"),
+    look: int = typer.Option(20, help="pairs per look (sequential rule and naive peeking)"),
+    pairs: int | None = typer.Option(None, help="cap of every scenario in pairs (default: 200)"),
+    max_pairs: int | None = typer.Option(None, help="the sequential rule's cap, if larger than the scenarios' cap"),
+    scenario: list[str] | None = typer.Option(None, "--scenario", help="run only these scenarios (repeatable)"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write every number as JSON here"),
+    truth_pairs: int = typer.Option(400_000, help="pairs in each scenario's Monte-Carlo truth sample"),
+) -> None:
+    """Decision rules on synthetic experiments with known truth: interval coverage, wrong and
+    inconclusive decisions, the sequential rule's pairs. The last line is the headline."""
+    import json
+
+    from rich.progress import Progress
+
+    from guided_ab.analysis import simulate_summary as summary
     from guided_ab.analysis.simulate import simulate as run_sim
 
-    res = run_sim(experiments, seed=seed, pairs=pairs)
-    for k, v in res.items():
-        if k not in ("coverage", "wrong_decisions"):
-            out.print(f"{k}: {v}")
-    print(f"coverage={res['coverage']:.3f} wrong_decisions={res['wrong_decisions']:.3f}")
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("synthetic experiments", total=experiments)
+            res = run_sim(experiments, seed=seed, resamples=resamples, workers=workers, look=look, pairs=pairs, max_pairs=max_pairs,
+                          scenarios=tuple(scenario) if scenario else None, truth_pairs=truth_pairs,
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    except (KeyError, ValueError) as err:
+        _fail(err)
+    for table in summary.tables(res):
+        out.print(table)
+    out.print(f"{res['experiments']} experiments in {res['wall_s']:.0f} s (truths {res['truth_s']:.0f} s), "
+              f"{workers} processes, {resamples} bootstrap resamples", highlight=False)
+    if json_out:
+        json_out.write_text(json.dumps(res, indent=1))
+    print(summary.naive_line(res))
+    print(summary.final_line(res), flush=True)
 
 
 @app.command()

@@ -7,11 +7,24 @@ cannot silently fall back to a default.
 
 from __future__ import annotations
 
+import reprlib
+import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from guided_ab.errors import ConfigError as ConfigError  # re-exported: `guided_ab.config.ConfigError` is its old home
@@ -26,21 +39,80 @@ Name = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,38}$")]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no infinite or NaN numbers (a timeout of .inf would wait forever), and no booleans where a
+    # number is meant (pydantic would read `size: true` as 1)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        if isinstance(v, bool) and info.field_name:
+            ann = cls.model_fields[info.field_name].annotation
+            types = set(typing.get_args(ann)) or {ann}
+            if bool not in types and (int in types or float in types):
+                raise ValueError(f"a number, not a boolean ({str(v).lower()})")
+        return v
+
+
+# Modal's bounds, checked here so that a config Modal would refuse fails before anything starts
+# (modal 1.6.4 checks scaledown_window in the SDK; GPU types and counts only on Modal's side, as
+# documented at modal.com/docs/guide/gpu): GPU type -> most GPUs of it in one container.
+MODAL_GPUS: dict[str, int] = {
+    "T4": 8, "L4": 8, "A10": 4, "A10G": 4, "L40S": 8, "A100": 8, "A100-40GB": 8, "A100-80GB": 8,
+    "RTX-PRO-6000": 8, "H100": 8, "H100!": 8, "H200": 8, "B200": 8, "B200+": 8,
+}
+MODAL_SCALEDOWN_S = (2, 3600)  # modal.App.function(scaledown_window=...): "must be between 2 and 3600"
+MODAL_MAX_TIMEOUT_S = 24 * 3600  # a Modal function's timeouts are at most 24 h
 
 
 class ModalSettings(Strict):
-    """How a `modal` arm is served (see modal_apps/vllm_arm.py)."""
+    """How a `modal` arm is served (see modal_apps/vllm_arm.py). The container is held warm
+    (min_containers=1) from deploy to teardown, so the arm costs GPU + CPU + memory for all that time."""
 
-    gpu: str = "H100"
+    gpu: str = Field(default="H100", description=f"a Modal GPU type: {', '.join(MODAL_GPUS)}")
     gpu_count: int = Field(default=1, ge=1, le=8)
     gpu_cost_per_hour: float = Field(default=3.95, ge=0, description="USD per GPU-hour, for the cost report")
-    startup_timeout_s: int = Field(default=1800, ge=60)
-    scaledown_window_s: int = Field(default=300, ge=2)
+    cpu: float = Field(default=4.0, ge=0.125, description="physical CPU cores requested (Modal bills at least this)")
+    memory_gib: int = Field(default=32, ge=1, description="GiB of memory requested (Modal bills at least this)")
+    cpu_cost_per_core_hour: float = Field(default=0.0472, ge=0, description="USD per core-hour (Modal list price)")
+    memory_cost_per_gib_hour: float = Field(default=0.0080, ge=0, description="USD per GiB-hour (Modal list price)")
+    startup_timeout_s: int = Field(default=1800, ge=60, le=MODAL_MAX_TIMEOUT_S)
+    scaledown_window_s: int = Field(default=300)
     max_concurrent_inputs: int = Field(default=32, ge=1)
     max_model_len: int | None = Field(default=None, ge=256)
     revision: str | None = None
     api_key_secret: str = Field(default="guided-ab-api-key", description="modal.Secret holding VLLM_API_KEY")
+
+    @field_validator("gpu")
+    @classmethod
+    def _modal_gpu(cls, v: str) -> str:
+        if ":" in v or "," in v:
+            raise ValueError(f"{v!r}: one GPU type without a count or fallbacks (the count is gpu_count; "
+                             "both arms of an A/B must run on the same hardware)")
+        if v.upper() not in MODAL_GPUS:
+            raise ValueError(f"{v!r} is not a Modal GPU type; Modal's types are {', '.join(MODAL_GPUS)}")
+        return v
+
+    @field_validator("scaledown_window_s")
+    @classmethod
+    def _modal_scaledown(cls, v: int) -> int:
+        lo, hi = MODAL_SCALEDOWN_S
+        if not lo <= v <= hi:
+            raise ValueError(f"{v} is outside Modal's bound: scaledown_window must be between {lo} and {hi} s")
+        return v
+
+    @model_validator(mode="after")
+    def _modal_gpu_count(self) -> ModalSettings:
+        most = MODAL_GPUS[self.gpu.upper()]
+        if self.gpu_count > most:
+            raise ValueError(f"gpu_count {self.gpu_count}: Modal gives at most {most} {self.gpu} GPUs to one container")
+        return self
+
+    @property
+    def cost_per_hour(self) -> float:
+        """USD per hour the arm's container is held: its GPUs, CPU cores and memory."""
+        return (self.gpu_cost_per_hour * self.gpu_count + self.cpu * self.cpu_cost_per_core_hour
+                + self.memory_gib * self.memory_cost_per_gib_hour)
 
 
 class Arm(Strict):
@@ -56,6 +128,17 @@ class Arm(Strict):
     api_key_env: str | None = Field(default=None, description="env var holding the external endpoint's API key")
     cost_per_hour: float = Field(default=0.0, ge=0, description="USD per hour the arm is held (local/external)")
     modal: ModalSettings = Field(default_factory=lambda: ModalSettings())
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        # checked here, not at the first request 600 s later: an http(s) URL with a host
+        if v is not None:
+            try:
+                TypeAdapter(HttpUrl).validate_python(v)
+            except ValidationError:
+                raise ValueError(f"{v[:200]!r} is not an http(s) URL with a host, e.g. http://10.0.0.5:8000") from None
+        return v
 
     @model_validator(mode="after")
     def _target_fields(self) -> Arm:
@@ -85,6 +168,8 @@ class Workload(Strict):
     concurrency: int = Field(default=2, ge=1, le=1024)
     timeout_s: float = Field(default=120.0, gt=0, description="per-request timeout")
     max_schema_bytes: int = Field(default=262_144, ge=1024, description="schemas larger than this are refused")
+    validation_timeout_s: float = Field(default=2.0, gt=0, le=600,
+                                        description="per answer; past it the request is `validation_timeout` (e.g. a backtracking regex)")
 
     @field_validator("prompt_template")
     @classmethod
@@ -92,6 +177,24 @@ class Workload(Strict):
         if "{schema}" not in v:
             raise ValueError("prompt_template must contain '{schema}' (and may contain '{prompt}')")
         return v
+
+
+class Sequential(Strict):
+    """A sequential, budget-capped A/B (analysis/sequential.py): the plan grows one look of
+    `pairs_per_look` pairs at a time, each look is judged on anytime-valid confidence sequences
+    over schemas, and the A/B stops as soon as the verdict is settled or a cap is reached."""
+
+    pairs_per_look: int = Field(default=16, ge=1, le=100_000, description="pairs added per look (new schemas first)")
+    max_pairs: int = Field(default=200, ge=1, le=1_000_000, description="cap: A/B pairs in all (schema clusters x repeats)")
+    max_usd: float | None = Field(default=None, gt=0, description="cap: estimated A/B spend (arms' USD/h x time sending)")
+    min_latency_gain: float = Field(default=0.05, ge=0, lt=1, description="smallest worthwhile latency gain (1 - ratio); futility below it")
+    min_success_gain: float = Field(default=0.02, ge=0, le=1, description="smallest worthwhile success gain (difference); futility below it")
+
+    @model_validator(mode="after")
+    def _look_within_cap(self) -> Sequential:
+        if self.pairs_per_look > self.max_pairs:
+            raise ValueError(f"pairs_per_look ({self.pairs_per_look}) is larger than max_pairs ({self.max_pairs})")
+        return self
 
 
 class DecisionRule(Strict):
@@ -107,6 +210,14 @@ class DecisionRule(Strict):
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
     power: float = Field(default=0.8, gt=0, lt=1)
     bootstrap_resamples: int = Field(default=2000, ge=100, le=100_000)
+    # futility: "keep" needs a broken guardrail, or intervals that rule out a worthwhile gain on every primary
+    min_latency_gain: float = Field(default=0.05, ge=0, lt=1, description="smallest worthwhile p50 latency gain (1 - ratio); keep by futility when the p50 ratio interval stays above 1 - this")
+    min_success_gain: float = Field(default=0.02, ge=0, le=1, description="smallest worthwhile success-rate gain (difference); keep by futility when the interval stays below it")
+    min_cost_saving: float | None = Field(default=None, gt=0, lt=1, description="pre-registers cost as a primary criterion: 'cheaper' when the cost-per-success ratio interval lies below 1 - this (None: cost is informational)")
+    backend_expectation: Literal["hypothesis", "guardrail"] = Field(default="hypothesis", description="the backend-share expectation: a hypothesis the verdict reports, or a guardrail it enforces")
+    sequential: Sequential | None = Field(default=None, description="a sequential, capped A/B instead of a fixed-size one")
+    require_approval: bool = Field(default=False, description="a 'switch' waits for a human sign-off in the Prefect UI before it is published")
+    approval_timeout_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="no answer by then: recorded as not approved ('keep')")
 
 
 class _Overrides(Strict):
@@ -116,15 +227,20 @@ class _Overrides(Strict):
         return rule.model_copy(update=self.model_dump(exclude_none=True))
 
 
-def _all_optional(model: type[BaseModel]) -> dict[str, Any]:
-    """`create_model` field definitions: every field of `model`, optional with None (= unset) as its
-    default, keeping its bounds and description."""
+# The sign-off is part of the pre-registration, not a threshold to re-evaluate with (flows/_approval.py)
+APPROVAL_FIELDS = ("require_approval", "approval_timeout_s")
+
+
+def _all_optional(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`create_model` field definitions: every field of `model` (but `exclude`), optional with None
+    (= unset) as its default, keeping its bounds and description."""
     return {name: (Optional[f.annotation], FieldInfo.merge_field_infos(f, default=None))  # noqa: UP045 (a runtime type)
-            for name, f in model.model_fields.items()}
+            for name, f in model.model_fields.items() if name not in exclude}
 
 
 # Derived from DecisionRule, so the overridable thresholds cannot drift from the rule's (every field,
-# same bounds and descriptions). A real pydantic model class, importable here: Prefect renders it as
+# same bounds and descriptions; not `sequential`: a sequential design is fixed before the first look,
+# `guided-ab continue` is how a run gets more pairs). A real pydantic model class, importable here: Prefect renders it as
 # the `thresholds` parameter form. Type checkers cannot follow create_model: they see a stand-in
 # that takes the thresholds as keywords.
 if TYPE_CHECKING:
@@ -132,7 +248,7 @@ if TYPE_CHECKING:
         def __init__(self, **thresholds: Any) -> None: ...
 else:
     DecisionOverrides = create_model(
-        "DecisionOverrides", __base__=_Overrides, __module__=__name__, **_all_optional(DecisionRule),
+        "DecisionOverrides", __base__=_Overrides, __module__=__name__, **_all_optional(DecisionRule, exclude=("sequential", *APPROVAL_FIELDS)),
         __doc__="Thresholds to change when re-evaluating a finished run (unset fields keep the config's).",
     )
 
@@ -142,7 +258,8 @@ class ExperimentConfig(Strict):
     description: str = ""
     arms: list[Arm] = Field(min_length=2, max_length=8)
     workload: Workload = Field(default_factory=lambda: Workload())
-    phases: list[Phase] = Field(default_factory=lambda: list(ALL_PHASES))
+    phases: list[Phase] = Field(default_factory=lambda: list(ALL_PHASES),
+                                description="deploy (always) and observe and/or ab; evaluate and decide always follow")
     decision: DecisionRule = Field(default_factory=lambda: DecisionRule())
     store: str = Field(default="runs", description="run store root: a directory (relative to the working directory)")
     server_start_timeout_s: float = Field(default=600.0, gt=0)
@@ -156,6 +273,17 @@ class ExperimentConfig(Strict):
         if len(controls) != 1:
             raise ValueError(f"exactly one arm must have role 'control', found {len(controls)}: {controls}")
         return self
+
+    @field_validator("phases")
+    @classmethod
+    def _phases_run(cls, v: list[str]) -> list[str]:
+        # the list is the pre-registration of what runs: every experiment deploys (then evaluates and
+        # decides), so a list without deploy, or without observe or ab to send, would not be honoured
+        if len(set(v)) != len(v):
+            raise ValueError(f"each phase once, got {v}")
+        if "deploy" not in v or not {"observe", "ab"} & set(v):
+            raise ValueError(f"{v}: list deploy and observe and/or ab (every experiment deploys, then evaluates and decides)")
+        return v
 
     @property
     def control(self) -> Arm:
@@ -172,19 +300,47 @@ class ExperimentConfig(Strict):
         raise ConfigError(f"no arm named {name!r}; arms are {[a.name for a in self.arms]}")
 
 
+# what a message shows of a bad value: bounded, whatever the value (YAML aliases can make a
+# small file a value of billions of elements)
+_SHOW = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_SHOW.maxlevel, _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict = 2, 80, 80, 4, 4
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_VALUES = 100_000  # after YAML aliases are expanded; a real config has a few hundred
+
+
 def _describe(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid experiment config"]
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    for e in err.errors()[:20]:
+        where = ".".join(str(p)[:80] for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see configs/local.yaml for the known fields)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         elif e["type"] == "literal_error":
-            msg = f"{msg}; got {e.get('input')!r}"
-        lines.append(f"  {where}: {msg}")
+            msg = f"{msg}; got {_SHOW.repr(e.get('input'))}"
+        lines.append(f"  {where}: {msg[:500]}")
     return "\n".join(lines)
+
+
+def _values(data: Any, limit: int) -> int:
+    """How many values `data` holds once YAML aliases are expanded (counted up to `limit`): a
+    shared sub-tree counts once per reference, computed once (memo by identity)."""
+    memo: dict[int, int] = {}
+
+    def count(x: Any) -> int:
+        if id(x) in memo:
+            return memo[id(x)]
+        if isinstance(x, dict):
+            n = 1 + sum(min(limit, count(k) + count(v)) for k, v in x.items())
+        elif isinstance(x, list):
+            n = 1 + sum(min(limit, count(v)) for v in x)
+        else:
+            n = 1
+        memo[id(x)] = n = min(n, limit)
+        return n
+
+    return count(data)
 
 
 def parse_config(data: object, source: str = "config") -> ExperimentConfig:
@@ -201,10 +357,23 @@ def load_config(path: str | Path) -> ExperimentConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found (pass a path such as configs/local.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    try:  # bounded cost: the size before reading, the depth while parsing, aliases after
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p}: {p.stat().st_size} bytes, over {MAX_CONFIG_BYTES}: not an experiment config")
+        # libyaml's parser where PyYAML has it: linear, and it stops at 1000 levels of nesting
+        # (the pure-Python scanner takes a minute on 50,000 nested brackets)
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506 - a safe loader
     except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if "maximum nesting depth" in str(err):
+            raise ConfigError(f"{p}: not a config: nested too deeply to read") from None
+        raise ConfigError(f"{p}: not valid YAML: {str(err)[:1000]}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: not a config: nested too deeply to read") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{p}: cannot read the file: {err}") from None
+    try:
+        if _values(data, MAX_CONFIG_VALUES + 1) > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{p}: more than {MAX_CONFIG_VALUES} values once YAML aliases are expanded: not an experiment config")
+    except RecursionError:
+        raise ConfigError(f"{p}: not a config: nested too deeply to read") from None
     return parse_config(data, str(p))

@@ -6,9 +6,12 @@ and cost from stated assumptions (by default the seed's ~14 s per request).
 
 Cost model: every arm this run starts is held from deploy to teardown, i.e. its start-up plus
 the observe and A/B phases (the phases run one after the other; within a phase
-`workload.concurrency` requests are in flight across all arms). Held hours times the arm's $/h
-(Modal: GPU $/h x GPU count; local/external: the arm's cost_per_hour) is its cost, the same
-formula the teardown records with the measured held time.
+`workload.concurrency` requests are in flight across all arms). The arms start and are waited
+for at once, and a Modal arm's container is kept warm (min_containers=1) for all that time, so
+it is billed for all of it. Held hours times the arm's $/h (Modal: GPUs x GPU $/h + CPU cores x
+core $/h + memory GiB x GiB $/h, list prices in the config; local/external: the arm's
+cost_per_hour) is its cost, the same formula the teardown records with the measured held time;
+`guided-ab cost --run-id` puts what Modal billed beside it.
 """
 
 from __future__ import annotations
@@ -183,7 +186,7 @@ def describe_plan(
         "assumptions:",
         f"  {p.latency_s:g} s per request{seed_note}, {p.concurrency} in flight across all arms",
         f"  observe phase {_minutes(p.observe_s)}, A/B phase {_minutes(p.ab_s)}",
-        f"  start-up: Modal {_minutes(p.modal_startup_s)}, local {_minutes(p.local_startup_s)}",
+        f"  start-up: Modal {_minutes(p.modal_startup_s)}, local {_minutes(p.local_startup_s)}; all arms start at once",
     ]
     if any(target_for(a.target).slow_start for a in p.arms):
         lines += [

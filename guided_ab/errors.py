@@ -6,6 +6,7 @@ The tree (indentation = subclass):
   x UserError (also a ValueError)  the user can fix it; the CLI exits 2; never retried
     + ConfigError                  a config, a flag or another input is wrong (names the field or file)
     + RunStateError                the run lacks what the phase needs ("run the deploy phase first")
+    + PhaseLocked                  another process is writing this phase of the run (names it)
   x ArmError (also a RuntimeError) an arm could not be started, reached or stopped; `.transient`
     + ArmNotReady                  transient: not answering at the deadline (cold start, refused connection, 503)
       - ModalNotReady              the same for a Modal app (also a ModalTargetError)
@@ -41,6 +42,10 @@ class ConfigError(UserError):
 
 class RunStateError(UserError):
     """A run is missing what a phase needs (endpoints, a key file): the message names the phase to run."""
+
+
+class PhaseLocked(UserError):
+    """Another process holds the phase's lock (one writer per phase of a run): the message names it."""
 
 
 # -- an arm misbehaves -----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ can be re-run alone with a run id. Prefect flows (flows/) call these through thi
 from __future__ import annotations
 
 import asyncio
-import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from guided_ab.arms.base import Endpoint
+from guided_ab.arms.cores import allocate as allocate_cores
 from guided_ab.arms.targets import prepare_arm, start_arm, stop_endpoint, target_for, wait_arm
 from guided_ab.config import DecisionOverrides, ExperimentConfig
 from guided_ab.errors import PhaseInterrupted as PhaseInterrupted  # defined here before guided_ab.errors
@@ -36,10 +37,10 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
     # Local servers share this machine's cores. With a core per arm, each server gets its own
     # (an arm's requests never slow the other's, and the two requests of a pair can run at
     # once); with fewer cores than arms they share all cores and start one after the other
-    # (at once, their start-up threads would fight for the CPUs: several times slower).
-    local_arms = [a.name for a in cfg.arms if target_for(a.target).shares_local_cores]
-    own_core = 1 < len(local_arms) <= (os.cpu_count() or 1)
-    cores = {name: str(i) for i, name in enumerate(local_arms)} if own_core else {}
+    # (at once, their start-up threads would fight for the CPUs: several times slower). Cores
+    # other runs on this machine hold are not given out (arms/cores.py).
+    local_arms = [a.name for a in cfg.arms if target_for(a.target).shares_local_cores and a.name not in endpoints]
+    cores, own_core = allocate_cores(store.run_id, local_arms, log=log) if local_arms else ({}, False)
     for arm in cfg.arms:
         if arm.name in endpoints:
             continue  # idempotent re-run of deploy: keep what is already up
@@ -59,13 +60,30 @@ def start_endpoints(cfg: ExperimentConfig, store: RunStore, log: Log = print) ->
 
 
 def wait_endpoints(cfg: ExperimentConfig, store: RunStore, endpoints: dict[str, Endpoint], log: Log = print) -> dict[str, float]:
-    waited = {}
+    """Wait for every arm at once (one thread each): arms cold-start side by side, so no arm sits
+    ready and idle while another starts. The first arm that fails ends the wait (its error is
+    raised; the other threads are daemons and stop at their own deadlines)."""
+    waited: dict[str, float] = {}
     # local arms that start_endpoints already waited for (one after the other): their start-up time
     started_before = store.read_json("startup.json", default={})
+    done: queue.Queue[tuple[str, float | BaseException]] = queue.Queue()
+
+    def wait_one(name: str, ep: Endpoint) -> None:
+        try:
+            deadline = target_for(ep.target).start_deadline(cfg, name)  # Modal: its (longer) startup timeout
+            done.put((name, wait_arm(ep, deadline)))
+        except BaseException as err:  # handed to the caller's thread
+            done.put((name, err))
+
     for name, ep in endpoints.items():
-        deadline = target_for(ep.target).start_deadline(cfg, name)  # Modal: its (longer) startup timeout
-        waited[name] = wait_arm(ep, deadline) + started_before.get(name, 0.0)
-        log(f"arm '{name}' ready at {ep.base_url} after {waited[name]:.1f} s")
+        threading.Thread(target=wait_one, args=(name, ep), name=f"wait-{name}", daemon=True).start()
+    for _ in endpoints:
+        name, result = done.get()
+        if isinstance(result, BaseException):
+            raise result
+        waited[name] = result + started_before.get(name, 0.0)
+        log(f"arm '{name}' ready at {endpoints[name].base_url} after {waited[name]:.1f} s")
+    waited = {name: waited[name] for name in endpoints}
     store.write_json("deploy.json", {"ready_after_s": waited, "at": time.time()})
     return waited
 
@@ -79,7 +97,12 @@ def load_endpoints(store: RunStore, *, missing_ok: bool = False) -> dict[str, En
         if missing_ok:
             return {}
         raise RunStateError(f"run {store.run_id} has no endpoints.json: run the deploy phase first")
-    return {k: Endpoint.model_validate(v) for k, v in store.read_json("endpoints.json").items()}
+    data = store.read_json("endpoints.json")
+    try:
+        return {k: Endpoint.model_validate(v) for k, v in data.items()}
+    except (AttributeError, ValueError) as err:  # a damaged endpoints.json: name it, never a traceback
+        raise RunStateError(f"{store.path('endpoints.json')} is damaged ({str(err)[:200]}); "
+                            "restore it or re-run the deploy phase") from None
 
 
 # -- plans -------------------------------------------------------------------------------------
@@ -103,10 +126,15 @@ def build_plans(cfg: ExperimentConfig, store: RunStore, base_dir: Path | None = 
     plans["observe"] = make_plan(
         "observe", [a.name for a in cfg.candidates], observe_items, seed=wl.seed, stream_share=wl.stream_share,
     )
-    plans["ab"] = make_plan(
-        "ab", [a.name for a in cfg.arms], ab_items, seed=wl.seed, warmup_items=_warmups(wl.warmup),
-        stream_share=wl.stream_share, repeats=wl.repeats,
-    )
+    if cfg.decision.sequential is not None:  # a sequential A/B plans one look at a time (guided_ab/looks.py)
+        from guided_ab.looks import first_look_plan
+
+        plans["ab"] = first_look_plan(cfg, _warmups(wl.warmup), base_dir)
+    else:
+        plans["ab"] = make_plan(
+            "ab", [a.name for a in cfg.arms], ab_items, seed=wl.seed, warmup_items=_warmups(wl.warmup),
+            stream_share=wl.stream_share, repeats=wl.repeats,
+        )
     for phase, plan in plans.items():
         store.write_json(f"plan-{phase}.json", plan.model_dump())
     return plans
@@ -158,14 +186,15 @@ def run_requests(
             await asyncio.wait({task}, timeout=0.2)
         return await task
 
-    try:
-        result = runner(main())
-    except asyncio.CancelledError:
-        raise PhaseInterrupted(
-            f"phase {phase} of run {store.run_id} was stopped; `guided-ab {phase} --run-id {store.run_id}` resumes it"
-        ) from None
-    finally:
-        store.finalize_records(phase)  # whatever was recorded is kept, also on failure
+    with store.phase_lock(phase):  # one writer per phase of a run: a second one gets PhaseLocked naming this one
+        try:
+            result = runner(main())
+        except asyncio.CancelledError:
+            raise PhaseInterrupted(
+                f"phase {phase} of run {store.run_id} was stopped; `guided-ab {phase} --run-id {store.run_id}` resumes it"
+            ) from None
+        finally:
+            store.finalize_records(phase)  # whatever was recorded is kept, also on failure
     return result
 
 
@@ -173,7 +202,12 @@ def run_requests(
 def teardown(store: RunStore, log: Log = print) -> list[dict]:
     """Stop every endpoint this run started. Safe to call repeatedly and after any failure."""
     endpoints = load_endpoints(store, missing_ok=True)
-    previous = {e["arm"]: e for e in store.read_json("teardown.json", default={"arms": []}).get("arms", [])}
+    try:
+        before = store.read_json("teardown.json", default={"arms": []})
+    except RunStateError as err:  # a damaged teardown.json never keeps the endpoints running
+        log(f"{err}: stopping the endpoints anyway; it is written anew")
+        before = {"arms": []}
+    previous = {e["arm"]: e for e in before.get("arms", [])}
     entries = []
     for name, ep in endpoints.items():
         if name in previous and previous[name].get("stopped") is not None and not target_for(ep.target).stop_again:
@@ -184,7 +218,9 @@ def teardown(store: RunStore, log: Log = print) -> list[dict]:
             entry = {**entry, **{k: previous[name][k] for k in ("stopped", "stopped_at", "held_s", "cost_usd") if k in previous[name]}}
         entries.append(entry)
         log(f"arm '{name}': {'stopped' if entry['stopped'] else 'already stopped'} ({ep.target})")
-    store.write_json("teardown.json", {"arms": entries, "at": time.time()})
+    # `earlier`: arms stopped before `guided-ab continue` started them again (their cost counts)
+    earlier = {"earlier": before["earlier"]} if before.get("earlier") else {}
+    store.write_json("teardown.json", {"arms": entries, "at": time.time(), **earlier})
     return entries
 
 
@@ -218,7 +254,12 @@ def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> d
 
     cfg = _rule_config(store, overrides)
     evaluation = store.read_json("evaluation.json")
-    decision = decide(evaluation, cfg.decision)
+    from guided_ab import looks
+
+    if looks.is_sequential(cfg, store):  # the looks replayed on confidence sequences (analysis/sequential.py)
+        decision = looks.decide(store, cfg, evaluation)
+    else:
+        decision = decide(evaluation, cfg.decision)
     decision["thresholds"] = cfg.decision.model_dump()
     # the config snapshot stays the pre-registration; changed thresholds are recorded as such
     decision["overridden"] = overrides.model_dump(exclude_none=True) if overrides else {}
@@ -229,5 +270,10 @@ def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> d
 
 
 def costs(store: RunStore) -> dict[str, float]:
-    return {e["arm"]: e.get("cost_usd", 0.0) for e in store.read_json("teardown.json", default={"arms": []})["arms"]}
+    """USD per arm from teardown.json, the holdings before a `continue` restarted it included."""
+    down = store.read_json("teardown.json", default={"arms": []})
+    out: dict[str, float] = {}
+    for e in [*down.get("earlier", []), *down["arms"]]:
+        out[e["arm"]] = out.get(e["arm"], 0.0) + e.get("cost_usd", 0.0)
+    return out
 

@@ -16,9 +16,16 @@ Outcome = Literal[
     "truncated",  # finish_reason == "length": the answer hit max_tokens
     "invalid_json",  # the answer is not JSON (or an HTTP 200 body that is not a completion)
     "schema_violation",  # JSON that does not validate against the schema
+    # the answer is JSON but our validator could not say whether it fits the schema: the
+    # server answered (latency and tokens are real), the outcome is unknown. Counted apart from
+    # both success and schema_violation; never transient (a re-send would not validate faster).
+    "validation_timeout",  # validation ran past workload.validation_timeout_s (e.g. a backtracking regex)
+    "validation_error",  # the validator raised (our side, not the answer's: e.g. a $ref it cannot resolve)
 ]
 OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
 TRANSIENT_OUTCOMES = frozenset({"server_error", "timeout", "connection_error"})
+# answered, but not judged against the schema (see above)
+UNVALIDATED_OUTCOMES = frozenset({"validation_timeout", "validation_error"})
 
 
 class RequestRecord(BaseModel):

@@ -7,7 +7,9 @@ Layout (each phase reads its inputs from here, so any phase can be re-run with a
     records/<phase>.sent   append-only attempt log, one request id per line, written before it is sent
     records/<phase>.jsonl  append-only journal, one record per request that ended (fsync'd: survives kill -9)
     records/<phase>.parquet  the same records, written atomically when the phase finishes
+    records/<phase>.lock   held (flock) by the one process sending the phase's requests; names it
     evaluation.json, decision.json, report.md, report.html, teardown.json
+    sequential.json        a sequential A/B's design, judged looks and stop (guided_ab/looks.py)
     logs/<arm>.log         server logs of local arms
 Whole-file writes go to a temporary file in the same directory and are renamed into place.
 
@@ -18,14 +20,18 @@ This module is the one reader and writer of these files: the load path appends t
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import re
 import secrets
+import socket
+import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +39,11 @@ import orjson
 import pandas as pd
 import yaml
 
-from guided_ab.config import ConfigError, ExperimentConfig, parse_config
-from guided_ab.errors import RunStateError
+from guided_ab.config import ConfigError, ExperimentConfig, load_config
+from guided_ab.errors import PhaseLocked, RunStateError
 from guided_ab.records import RequestRecord, records_frame
 
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: `$` would let a trailing newline through
 
 
 def new_run_id(name: str) -> str:
@@ -45,7 +51,7 @@ def new_run_id(name: str) -> str:
 
 
 def check_run_id(run_id: str) -> str:
-    if not RUN_ID_RE.match(run_id or "") or ".." in run_id:
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
         raise ConfigError(
             f"run id {run_id!r} is not valid: use letters, digits, '.', '_' and '-' only "
             "(no '/' or '..'); `guided-ab runs` lists existing run ids"
@@ -118,8 +124,8 @@ class RunStore:
         atomic_write_text(self.path("config.yaml"), yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
     def load_config(self) -> ExperimentConfig:
-        p = self.path("config.yaml")
-        return parse_config(yaml.safe_load(p.read_text()), str(p))
+        """The run's config snapshot; a broken one is a ConfigError naming the file and field."""
+        return load_config(self.path("config.yaml"))
 
     # -- JSON documents ------------------------------------------------------------------------
     def write_json(self, name: str, obj: Any) -> Path:
@@ -133,7 +139,11 @@ class RunStore:
             if default is not None:
                 return default
             raise RunStateError(f"{p} is missing: run the phase that writes it first")
-        return json.loads(p.read_text())
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:  # a damaged run directory: name the file, no traceback
+            raise RunStateError(f"{p} is damaged (not JSON this can read: {str(err)[:200]}); restore it or "
+                                "re-run the phase that writes it") from None
 
     def has(self, name: str) -> bool:
         return self.path(name).exists()
@@ -166,11 +176,14 @@ class RunStore:
         p = self._sent_path(phase)
         if not p.is_file():
             return Counter()
-        return Counter(line.strip() for line in p.read_text().splitlines() if line.strip())
+        # bytes a crash (or a disk) garbled are no request id: never a reason the phase cannot resume
+        return Counter(line.strip() for line in p.read_text(errors="replace").splitlines() if line.strip())
 
-    def _journal_rows(self, phase: str) -> Iterator[dict]:
-        """The phase journal's records as dicts, one at a time. A torn line (killed mid-write) is
-        skipped: only the last line can be torn, and it was never acknowledged."""
+    def _journal_pairs(self, phase: str) -> Iterator[tuple[dict, RequestRecord]]:
+        """The phase journal's valid records, one at a time, as (the line's dict, its record). A
+        torn line (killed mid-write) is skipped: only the last line can be torn, and it was never
+        acknowledged; so is any line that is not a valid record (garbage the disk or a hand
+        left there would otherwise reach the parquet and the statistics)."""
         p = self.journal_path(phase)
         if not p.is_file():
             return
@@ -178,17 +191,17 @@ class RunStore:
             for line in f:
                 try:
                     row = orjson.loads(line)
-                except orjson.JSONDecodeError:
+                    if isinstance(row, dict):
+                        yield row, RequestRecord.model_validate(row)
+                except ValueError:  # orjson.JSONDecodeError and pydantic's ValidationError alike
                     continue
-                if isinstance(row, dict) and "request_id" in row and "outcome" in row:
-                    yield row
+
+    def _journal_rows(self, phase: str) -> Iterator[dict]:
+        """The valid records as dicts (no model object kept per line: 100k records, ~3x less memory)."""
+        return (row for row, _ in self._journal_pairs(phase))
 
     def _journal_records(self, phase: str) -> Iterator[RequestRecord]:
-        for row in self._journal_rows(phase):
-            try:
-                yield RequestRecord.model_validate(row)
-            except ValueError:
-                continue
+        return (rec for _, rec in self._journal_pairs(phase))
 
     def journal(self, phase: str) -> list[RequestRecord]:
         """The records of a phase's journal (a torn last line dropped)."""
@@ -204,13 +217,58 @@ class RunStore:
         return records_frame(list(self._journal_rows(phase)))
 
     def finalize_records(self, phase: str) -> Path:
-        """Write the phase's journal as parquet, atomically."""
+        """Write the phase's journal as parquet, atomically (a temporary file of its own: two
+        finalizations at once never write into one file)."""
         df = self._journal_frame(phase)
         p = self._parquet_path(phase)
-        tmp = p.with_suffix(".parquet.tmp")
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, p)
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return p
+
+    @contextmanager
+    def phase_lock(self, phase: str) -> Iterator[None]:
+        """One writer per phase of a run: the phase's requests are sent by whoever holds this.
+
+        A second process (or thread) gets PhaseLocked naming the holder, at once: two writers
+        would both send the requests not yet recorded (duplicates) and finalize at once. The
+        lock is an flock on records/<phase>.lock, so the kernel drops it when its holder dies
+        (a SIGKILLed phase never blocks its resume); the file names the holder.
+        """
+        p = self.path("records", f"{phase}.lock")
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PhaseLocked(self._lock_holder(phase, os.pread(fd, 4096, 0))) from None
+            holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+                      "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(holder).encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _lock_holder(self, phase: str, data: bytes) -> str:
+        try:
+            h = json.loads(data)
+            who = (f"pid {h['pid']} on {h['host']} (`{h['command']}`), "
+                   f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(h['since']))}")
+        except (ValueError, KeyError, TypeError):
+            who = "another process (starting)"
+        return (f"phase {phase} of run {self.run_id} is being sent by {who}: one writer per phase; wait for it "
+                f"to end (or stop it), then `guided-ab {phase} --run-id {self.run_id}` resumes what is left")
 
     def finalized_records(self, phase: str) -> pd.DataFrame | None:
         """The phase's parquet as last written by finalize_records (None before the first)."""
@@ -223,9 +281,13 @@ class RunStore:
         for ph in phases:
             pq = self._parquet_path(ph)
             if pq.is_file() and (not self.journal_path(ph).is_file() or pq.stat().st_mtime >= self.journal_path(ph).stat().st_mtime):
-                frames.append(pd.read_parquet(pq))
-            else:
-                frames.append(self._journal_frame(ph))
+                try:
+                    frames.append(pd.read_parquet(pq))
+                    continue
+                except Exception:  # noqa: BLE001 - a damaged parquet: the journal holds the same records
+                    if not self.journal_path(ph).is_file():
+                        raise RunStateError(f"{pq} is damaged and there is no journal to read instead") from None
+            frames.append(self._journal_frame(ph))
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else records_frame([])
 

@@ -9,7 +9,9 @@ one JSON Schema per file, optionally in sub-directories (subsets) such as
 from __future__ import annotations
 
 import json
+import os
 import random
+import stat
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict
 
 from guided_ab.config import ConfigError, Workload
+from guided_ab.schema_refs import check_refs
 
 BUILTIN_SUITES = ("functions",)
 
@@ -51,7 +54,8 @@ WARMUP_ITEM = WorkItem(
 
 
 def check_schema(schema: Any, where: str, max_bytes: int) -> dict[str, Any]:
-    """Refuse what no backend should be sent: non-objects, invalid schemas, oversized schemas."""
+    """Refuse what no backend should be sent: non-objects, invalid schemas, oversized schemas,
+    and `$ref`s that dangle, point to another document or loop (guided_ab/schema_refs.py)."""
     if isinstance(schema, bool):
         schema = {} if schema else {"not": {}}
     if not isinstance(schema, dict):
@@ -71,6 +75,7 @@ def check_schema(schema: Any, where: str, max_bytes: int) -> dict[str, Any]:
         raise ConfigError(f"{where}: not a valid JSON schema: {err.message}") from None
     except RecursionError:
         raise ConfigError(f"{where}: schema is nested too deeply to check") from None
+    check_refs(schema, where)
     return schema
 
 
@@ -90,6 +95,29 @@ def builtin_suite(name: str = "functions") -> list[WorkItem]:
     ]
 
 
+# a schema file may be pretty-printed: this many times max_schema_bytes on disk before its
+# compact JSON is measured; anything larger is refused without being read
+FILE_BYTES_PER_SCHEMA_BYTE = 4
+
+
+def _read_bounded(f: Path, max_bytes: int) -> str:
+    """The text of a schema file, read only if it is a regular file of bounded size: a 60 MB file
+    is refused by its size, a FIFO or /dev/zero named *.json never blocks or fills memory."""
+    limit = FILE_BYTES_PER_SCHEMA_BYTE * max_bytes
+    # opened without blocking (a FIFO would wait for a writer), then checked: the file checked is the file read
+    with os.fdopen(os.open(f, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb", buffering=0) as fh:
+        st = os.fstat(fh.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{f}: not a regular file; a schema must be a JSON file")
+        if st.st_size > limit:
+            raise ConfigError(f"{f}: {st.st_size} bytes, over {FILE_BYTES_PER_SCHEMA_BYTE} x workload.max_schema_bytes "
+                              f"({limit}); raise the limit in the config or drop this schema")
+        data = fh.read(limit + 1)
+    if len(data) > limit:  # grew while being read
+        raise ConfigError(f"{f}: over {limit} bytes; raise workload.max_schema_bytes or drop this schema")
+    return data.decode("utf-8")
+
+
 def bench_directory(path: Path, subsets: list[str], max_bytes: int) -> list[WorkItem]:
     """Every *.json schema in `path` (or in its `subsets` sub-directories), sorted by name."""
     if not path.is_dir():
@@ -105,7 +133,7 @@ def bench_directory(path: Path, subsets: list[str], max_bytes: int) -> list[Work
             raise ConfigError(f"workload.suite: cannot read {d}: {err.strerror}") from None
         for f in files:
             try:
-                schema = json.loads(f.read_text(encoding="utf-8"))
+                schema = json.loads(_read_bounded(f, max_bytes))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
                 raise ConfigError(f"{f}: cannot read the schema: {err}") from None
             except RecursionError:
@@ -126,13 +154,7 @@ def load_workload(wl: Workload, base_dir: Path | None = None) -> list[WorkItem]:
     The first `observe_size` items are for the observe phase, the rest for A/B: disjoint, so the
     A/B phase's first-request-per-schema latency is never warmed by observe.
     """
-    if wl.suite in BUILTIN_SUITES:
-        pool = builtin_suite(wl.suite)
-    else:
-        p = Path(wl.suite)
-        if not p.is_absolute() and base_dir is not None:
-            p = base_dir / p
-        pool = bench_directory(p, wl.subsets, wl.max_schema_bytes)
+    pool = suite_pool(wl, base_dir)
     need = wl.size + wl.observe_size
     if need > len(pool):
         raise ConfigError(
@@ -140,8 +162,27 @@ def load_workload(wl: Workload, base_dir: Path | None = None) -> list[WorkItem]:
             f"suite {wl.suite!r} has {len(pool)}; lower the sizes or use a larger suite"
         )
     picked = random.Random(wl.seed).sample(pool, need)
-    out = []
-    for it in picked:
-        schema = check_schema(it.json_schema, it.schema_id, wl.max_schema_bytes)
-        out.append(it.model_copy(update={"json_schema": schema, "prompt": it.prompt or _prompt_for(schema, it.schema_id)}))
-    return out
+    return [_checked(it, wl) for it in picked]
+
+
+def suite_pool(wl: Workload, base_dir: Path | None = None) -> list[WorkItem]:
+    """Every schema of the workload's suite (unchecked, in the suite's order)."""
+    if wl.suite in BUILTIN_SUITES:
+        return builtin_suite(wl.suite)
+    p = Path(wl.suite)
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return bench_directory(p, wl.subsets, wl.max_schema_bytes)
+
+
+def _checked(it: WorkItem, wl: Workload) -> WorkItem:
+    schema = check_schema(it.json_schema, it.schema_id, wl.max_schema_bytes)
+    return it.model_copy(update={"json_schema": schema, "prompt": it.prompt or _prompt_for(schema, it.schema_id)})
+
+
+def more_items(wl: Workload, exclude: set[str], n: int, base_dir: Path | None = None) -> list[WorkItem]:
+    """Up to `n` schemas of the suite beyond the workload's own, none in `exclude`, in a seeded
+    order (the same on every call): what a sequential A/B sends once the workload's schemas are used."""
+    pool = suite_pool(wl, base_dir)
+    random.Random(f"{wl.seed}-more").shuffle(pool)
+    return [_checked(it, wl) for it in [it for it in pool if it.schema_id not in exclude][:n]]

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import modal
 
-from guided_ab.arms.vllm_args import SERVER_MODULE, server_args, server_env
+from guided_ab.arms.vllm_args import cli_works_here, server_args, server_command, server_env
 from guided_ab.config import Arm, ModalSettings
 
 # The official CUDA build of vLLM, pinned: results are only comparable within one version.
@@ -46,6 +46,11 @@ VLLM_CACHE_VOLUME = "guided-ab-vllm-cache"
 SOURCE_ROOT = "/root"  # where Modal puts local Python sources (guided_ab, modal_apps)
 # Longest single request (a web function's input) before Modal cancels it.
 REQUEST_TIMEOUT_S = 30 * 60
+# One container per arm, held warm from deploy to teardown: min_containers=1 starts it at deploy
+# (not at the first request) and keeps it however long the other arm takes to start or the
+# pipeline waits between phases; max_containers=1: autoscaling would blur the comparison.
+MIN_CONTAINERS = 1
+MAX_CONTAINERS = 1
 
 # Baked into the image: what the container reads back when it imports this module.
 ENV_ARM = "GUIDED_AB_ARM"  # the Arm as JSON
@@ -71,10 +76,12 @@ DEFAULT_ARM = Arm(
 
 @dataclass(frozen=True)
 class ArmSpec:
-    """What one deployed app serves: an arm, under an app name."""
+    """What one deployed app serves: an arm, under an app name (and the App's tags: run, arm,
+    backend, for the reaper and Modal's billing report by tag; not baked into the image)."""
 
     arm: Arm
     app_name: str
+    tags: Mapping[str, str] | None = None
 
     def environment(self) -> dict[str, str]:
         """The variables baked into the image, from which the container rebuilds this spec."""
@@ -122,10 +129,11 @@ def modal_extra_args(arm: Arm) -> list[str]:
     return extra
 
 
-def container_command(arm: Arm, python: str | None = None) -> list[str]:
-    """The vLLM server command line of this arm inside the container."""
+def container_command(arm: Arm, python: str | None = None, *, cli: bool | None = None) -> list[str]:
+    """The vLLM server command line of this arm inside the container: `vllm serve` (as Modal's
+    own vLLM example), by the container's Python; the deprecated module only if `vllm serve` is missing."""
     return [
-        python or sys.executable, "-m", SERVER_MODULE,
+        *server_command(python or sys.executable, cli=cli_works_here() if cli is None else cli),
         *server_args(arm, arm.model, host=HOST, port=PORT, extra=modal_extra_args(arm)),
     ]
 
@@ -172,7 +180,7 @@ def build_arm_app(spec: ArmSpec) -> tuple[modal.App, modal.Function]:
     s = spec.arm.modal
     app = modal.App(
         spec.app_name,
-        tags={"guided-ab-arm": spec.arm.name, "guided-ab-backend": spec.arm.backend},
+        tags={"guided-ab-arm": spec.arm.name, "guided-ab-backend": spec.arm.backend, **(spec.tags or {})},
     )
     web = modal.web_server(port=PORT, startup_timeout=s.startup_timeout_s)(_serve_impl)
     function: modal.Function = app.function(
@@ -183,10 +191,13 @@ def build_arm_app(spec: ArmSpec) -> tuple[modal.App, modal.Function]:
             VLLM_CACHE_DIR: modal.Volume.from_name(VLLM_CACHE_VOLUME, create_if_missing=True),
         },
         secrets=[modal.Secret.from_name(s.api_key_secret, required_keys=["VLLM_API_KEY"])],
+        cpu=s.cpu,
+        memory=s.memory_gib * 1024,  # MiB
+        min_containers=MIN_CONTAINERS,
+        max_containers=MAX_CONTAINERS,
         scaledown_window=s.scaledown_window_s,
         startup_timeout=s.startup_timeout_s,
         timeout=REQUEST_TIMEOUT_S,
-        max_containers=1,  # one replica per arm: autoscaling would blur the latency comparison
     )(modal.concurrent(max_inputs=s.max_concurrent_inputs)(web))
     return app, function
 

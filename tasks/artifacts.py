@@ -1,16 +1,18 @@
-"""Publish a run's results as Prefect artifacts (keys stable per experiment name)."""
+"""Publish a run's results as Prefect artifacts (keys stable per experiment name); never cached:
+a re-decided run must publish its new decision."""
 
 from __future__ import annotations
 
 from prefect import task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from guided_ab.reports.markdown import artifact_markdown
 from guided_ab.reports.model import arm_rows, criteria_rows
 from guided_ab.store import RunStore
 
 
-@task(name="publish-results")
+@task(name="publish-results", cache_policy=NO_CACHE, timeout_seconds=15 * 60)
 def publish_results(store: RunStore) -> list[str]:
     cfg = store.load_config()
     evaluation = store.read_json("evaluation.json")

@@ -23,7 +23,7 @@ import pytest
 from guided_ab.arms import modal as modal_target
 from guided_ab.arms.base import Endpoint
 from guided_ab.arms.targets import start_arm, stop_endpoint, wait_arm
-from guided_ab.arms.vllm_args import ATTRIBUTION_MIDDLEWARE, SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
+from guided_ab.arms.vllm_args import ATTRIBUTION_MIDDLEWARE, CLI_MODULE, SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
 from guided_ab.config import Arm, ConfigError, ExperimentConfig, ModalSettings, load_config
 from guided_ab.store import RunStore
 
@@ -233,7 +233,7 @@ def test_container_refuses_to_start_without_the_key():
 # -- one source of truth for the vLLM flags ----------------------------------------------------
 def _normalized(cmd: list[str], extra: list[str]) -> list[str]:
     """Drop the interpreter, the target-specific host/port values and the Modal-only flags."""
-    args = list(cmd[cmd.index(SERVER_MODULE) + 1:])
+    args = list(cmd[cmd.index("serve") + 1:] if CLI_MODULE in cmd else cmd[cmd.index(SERVER_MODULE) + 1:])
     for flag in ("--host", "--port"):
         args[args.index(flag) + 1] = "<" + flag + ">"
     if extra:
@@ -263,14 +263,14 @@ def test_vllm_arguments_are_identical_for_local_and_modal(backend, tmp_path, mon
     cfg = ExperimentConfig(name="same-args", arms=[local_arm, Arm(role="candidate", target="local", **{**common, "name": "b"})],
                            store=str(tmp_path / "runs"))
     store = RunStore.create(cfg, "same-args-run")
-    ep = local.start(local_arm, store, python="python", model=local_arm.model, version="test")
+    ep = local.start(local_arm, store, python="python", model=local_arm.model, version="test", cli=True)
     local_cmd = spawned["cmd"]
 
     m_arm = modal_arm(role="control", **common, modal=dict(gpu_count=2, max_model_len=4096))
-    modal_cmd = vllm_arm.container_command(m_arm, "python")
+    modal_cmd = vllm_arm.container_command(m_arm, "python", cli=True)
     extra = vllm_arm.modal_extra_args(m_arm)
     assert extra == ["--max-model-len", "4096", "--tensor-parallel-size", "2"]
-    assert local_cmd[1:3] == modal_cmd[1:3] == ["-m", SERVER_MODULE]
+    assert local_cmd[1:4] == modal_cmd[1:4] == ["-m", CLI_MODULE, "serve"]  # `vllm serve`
     assert _normalized(local_cmd, []) == _normalized(modal_cmd, extra)
     assert ["--structured-outputs-config.backend", backend] == modal_cmd[modal_cmd.index("--structured-outputs-config.backend"):][:2]
     assert ATTRIBUTION_MIDDLEWARE in modal_cmd
@@ -350,7 +350,8 @@ def test_deploy_builds_the_arm_app_and_returns_its_endpoint(fake, store, api_key
     assert ep.base_url == f"https://ws--{name}-serve.modal.run"
     assert ep.model == SERVED_MODEL_NAME and ep.backend == "auto"
     assert ep.key_ref == "env:GUIDED_AB_MODAL_API_KEY" and "test-key" not in ep.model_dump_json()
-    assert ep.cost_per_hour == pytest.approx(3.95 * 4)
+    s = arm.modal  # GPUs + the CPU cores and memory the container requests (held warm throughout)
+    assert ep.cost_per_hour == pytest.approx(3.95 * 4 + s.cpu * s.cpu_cost_per_core_hour + s.memory_gib * s.memory_cost_per_gib_hour)
     assert ep.started_at and abs(ep.started_at - time.time()) < 60
 
 
@@ -406,7 +407,7 @@ def test_stop_and_cost_through_the_generic_teardown(fake, store, api_key):
     ep = ep.model_copy(update={"started_at": time.time() - 1800})  # held for half an hour
     entry = stop_endpoint(ep)
     assert entry["stopped"] is True and fake.apps[ep.app_name].state == "stopped"
-    assert entry["cost_usd"] == pytest.approx(0.5 * 4 * 3.95, rel=0.01)
+    assert entry["cost_usd"] == pytest.approx(0.5 * store.load_config().arm("auto").modal.cost_per_hour, rel=0.01)
     again = stop_endpoint(ep)  # already stopped: fine, nothing to do
     assert again["stopped"] is False
     assert modal_target.stop(ep.model_copy(update={"app_name": "gab-never-deployed"})) is False
@@ -586,9 +587,12 @@ print(json.dumps({"text": describe_plan(cfg, run_id=p.run_id), "requests": {a.ar
     assert "gab-auto-vs-guidance-20251027-120000-ab12-guidance" in text and "H100! x 4" in text
     assert out["requests"] == {"guidance": [1, 0, 50], "auto": [1, 6, 50]}
     # held = startup 600 s + observe ceil(6/2)*14 s + A/B ceil(102/2)*14 s; 4 x 3.95 $/h per arm
+    # plus the container's CPU cores and memory (it is held warm from deploy to teardown)
     held = 600 + 3 * 14 + 51 * 14
     assert out["held"] == [held, held]
-    assert out["cost"] == pytest.approx(2 * held / 3600 * 15.8)
+    per_hour = load_config(CONFIG).arms[0].modal.cost_per_hour
+    assert 15.8 < per_hour < 17
+    assert out["cost"] == pytest.approx(2 * held / 3600 * per_hour)
     assert f"${out['cost']:.2f}" in text and "[" not in text  # no rich markup surprises in the CLI
 
 

@@ -275,7 +275,16 @@ def test_evaluate_accepts_records_frame_with_missing_values():
     ev = evaluate(records_frame(rows), synthetic_config(resamples=200))
     json.dumps(ev, allow_nan=False)
     arm = ev["arms"]["candidate"]
-    assert arm["outcomes"]["timeout"] == 1 and arm["latency"]["n"] == 5
+    # issue 14: the timeout is not dropped from latency, it is censored at the workload's timeout_s
+    assert arm["outcomes"]["timeout"] == 1 and arm["latency"]["n"] == 6 and arm["latency"]["n_censored"] == 1
+    assert arm["latency"]["p99"]["estimate"] > 100 and arm["latency"]["p99"]["censored"]  # near 120 s
     assert arm["ttft"]["n"] == 0 and arm["ttft"]["p50"]["estimate"] is None
-    assert ev["comparisons"]["candidate"]["latency"]["n_pairs"] == 5
+    assert ev["comparisons"]["candidate"]["latency"]["n_pairs"] == 6
     assert arm["backend"]["unknown"] == 1
+
+
+def test_wilson_bounds_are_statsmodels():
+    from statsmodels.stats.proportion import proportion_confint
+
+    for x, n, alpha in ((0, 20, 0.05), (7, 9, 0.05), (81, 263, 0.01), (150, 151, 0.0125), (12.5, 40.2, 0.05)):
+        assert S._wilson_bounds(x, n, alpha) == pytest.approx(proportion_confint(x, n, alpha=alpha, method="wilson"), abs=1e-12)

@@ -3,18 +3,27 @@ candidate with the control, and the validity gates. Prefect-free; the result is 
 
 Conventions (documented here once, and repeated in `settings` of the result):
 - Statistics use the A/B phase without warm-up rows; warm-ups are counted separately.
-- Success = outcome "success". Latency (end-to-end, TTFT, time per output token) is measured
-  over requests that got an answer: a generated completion came back (outcome success,
-  truncated, invalid_json or schema_violation) and the timing is recorded. Conditioning on
-  success alone would make an arm that fails its slow requests look fast; timeouts and
-  connection errors have no answer (their elapsed time is censored, not a latency).
-- The unit of resampling is the pair (`pair_index`): every percentile-bootstrap interval of
-  the A/B phase (per arm and paired) resamples pairs, so paired ratios keep their correlation.
-  Per-arm quantile intervals use the equivalent order-statistic bootstrap of that arm's values.
-- Paired comparisons use pairs where both arms have a record (success) or both have an answer
-  (latency).
-- Cost per 1k successful requests: the arm's USD (`costs`, the time it was held) over all its
-  successful requests in the run, since the bill covers every phase.
+- Success = outcome "success". Latency (end-to-end) is measured over requests that got an answer
+  (outcome success, truncated, invalid_json, schema_violation, or not validated in time) *and*
+  over timeouts and connection errors, right-censored at the workload's `timeout_s` (flagged,
+  counted per arm as `n_censored`): conditioning on an answer would make an arm that times out on
+  its slow requests look fast. Quantiles below the censored share are exact, those above it are
+  flagged `censored` (a lower bound), and the mean is a restricted mean (up to timeout_s). TTFT,
+  time per output token and output tokens are over answered requests only.
+- The unit of resampling is the *schema* (`schema_id`): repeats of a schema are correlated, so
+  every percentile-bootstrap interval of the A/B phase (per arm and paired) is a cluster bootstrap
+  that draws schemas and takes all their pairs, in one pass (`bootstrap.CountBootstrap`), and
+  success-type proportions use Wilson/Newcombe at the design effect of the schemas. When every
+  schema is in one pair, these are exactly the pair-level intervals (per-arm quantile intervals
+  then use the equivalent order-statistic bootstrap of that arm's values).
+- CV intervals (per arm and the paired ratio) and the paired mean ratios are expanded percentile
+  intervals (`bootstrap.TAIL_EXPAND`: the plain percentile interval under-covers for latencies).
+- Intervals the decision rule judges claims on carry `adjusted`: Bonferroni intervals at the
+  family sizes the rule may need (2, 3 or 4 claims per candidate, times the candidates).
+- Paired comparisons use pairs where both arms have a record (success) or both have a latency.
+- Cost: per arm, USD (`costs`, the time it was held) over all its successful requests in the run
+  (informational: the bill covers every phase); the comparison's cost per successful request
+  uses prices per hour and A/B successes only (comparison.py).
 """
 
 from __future__ import annotations
@@ -27,24 +36,37 @@ import numpy as np
 import pandas as pd
 
 from guided_ab.analysis import bootstrap as BS
+from guided_ab.analysis import comparison as CMP
 from guided_ab.analysis import stats as S
+from guided_ab.analysis.backends import backend_share, candidate_schema_backends, observe_section, outcome_counts
 from guided_ab.analysis.gates import GateInput, validity_gates
-from guided_ab.analysis.pairs import ANSWERED_OUTCOMES, ArmPairs, Columns, dedupe_pairs
+from guided_ab.analysis.pairs import ANSWERED_OUTCOMES, ArmPairs, Columns, dedupe_pairs, unit_clusters
 from guided_ab.config import DecisionRule, ExperimentConfig
-from guided_ab.records import OUTCOMES, TRANSIENT_OUTCOMES
+from guided_ab.records import TRANSIENT_OUTCOMES
 
 # the public names: reports read ANSWERED_OUTCOMES (defined with the pair alignment) from here
-__all__ = ["ANSWERED_OUTCOMES", "LATENCY_BASIS", "evaluate"]
+__all__ = ["ANSWERED_OUTCOMES", "LATENCY_BASIS", "evaluate", "family_sizes"]
 
 LATENCY_BASIS = (
-    "requests that got an answer: outcome in success/truncated/invalid_json/schema_violation "
-    "with the timing recorded (warm-ups excluded)"
+    "requests that got an answer (outcome success/truncated/invalid_json/schema_violation or not validated "
+    "in time, timing recorded), plus timeouts and connection errors right-censored at the workload's "
+    "timeout_s (warm-ups excluded): quantiles below the censored share are exact, the mean is a restricted mean"
 )
 Counts = dict[str, dict[str, dict[str, int]]]  # {phase: {arm: {"recorded", "warmup", "measured"}}}
 
 
 def _equivalence_margin(rule: DecisionRule) -> float:
     return float(rule.equivalence_margin or rule.latency_margin)
+
+
+def family_sizes(candidates: int) -> tuple[int, ...]:
+    """The Bonferroni family sizes an evaluation prepares intervals for: per candidate 2 or 3 primary
+    claims (faster, more successful, cheaper when a cost saving is pre-registered) and 3 or 4
+    guardrails (success, latency, variability, the backend expectation when it is a guardrail), times
+    the candidates. Preparing all of them lets a decision re-run with another rule without
+    re-evaluating."""
+    m = max(1, int(candidates))
+    return tuple(sorted({2 * m, 3 * m, 4 * m}))
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,10 @@ class _Setup:
     def arms(self) -> list[str]:
         return [self.control, *self.candidates]
 
+    @property
+    def family_sizes(self) -> tuple[int, ...]:
+        return family_sizes(len(self.candidates))
+
 
 # -- evaluate --------------------------------------------------------------------------------------
 def evaluate(
@@ -82,32 +108,46 @@ def evaluate(
     costs: dict[str, float] | None = None,
     seed: int = 0,
     endpoints: dict[str, dict] | None = None,
+    schema_pool: int | None = None,
 ) -> dict:
     """Everything the decision needs, as JSON-ready plain values (None where undefined).
+
+    `schema_pool`: how many schemas the workload's suite holds (the phases pass
+    `len(workload.suite_pool(cfg.workload))`); "how many more would settle it" is capped by the ones
+    observe + A/B have not used yet. None: not capped.
 
     The steps, in order (the generator is consumed in this order: the bootstrap pass, then each
     arm's quantile draws, so one seed gives the same numbers every time):
     1. prepare rows: `Columns.from_records` (pairs.py);
     2. accounting: `_phase_counts`;
-    3. de-duplicate pairs and align the arms on them: `dedupe_pairs` (pairs.py);
-    4. register the bootstrap statistics and run the one pass: `_run_bootstrap`;
+    3. de-duplicate pairs, align the arms on them, label their schemas: `dedupe_pairs`, `unit_clusters`;
+    4. register the bootstrap statistics and run the one (cluster) pass: `_run_bootstrap`;
     5. per-arm metrics: `_per_arm_metrics`;
-    6. observe section: `_observe_section`, `_candidate_schema_backends`;
-    7. paired comparisons: `_comparison`;
-    8. multiplicity (Holm): `_multiplicity`;
+    6. observe section: `backends.observe_section`, `backends.candidate_schema_backends`;
+    7. paired comparisons: `comparison.compare`;
+    8. multiplicity (Holm, informational): `comparison.holm_family`;
     9. validity gates: `gates.validity_gates`.
     """
     rule = cfg.decision
     s = _Setup(cfg, float(rule.alpha), int(rule.bootstrap_resamples), np.random.default_rng(seed))
     df = Columns.from_records(records)
     counts = _phase_counts(df)
-    data, dup_pairs = dedupe_pairs(df, s.arms)
-    draws = _run_bootstrap(s, data)
+    data, dup_pairs = dedupe_pairs(df, s.arms, float(cfg.workload.timeout_s))
+    clusters = unit_clusters(data)
+    draws = _run_bootstrap(s, data, clusters)
     arms_out = _per_arm_metrics(s, df, data, draws, counts, costs or {})
-    observe = _observe_section(s, df, counts)
-    schema_backends = _candidate_schema_backends(s, df)
-    comparisons = {cand: _comparison(s, cand, data, draws, arms_out) for cand in s.candidates}
-    family = _multiplicity(comparisons, s.alpha)
+    observe = observe_section(df, counts, s.candidates, rule.expected_backend, s.alpha, s.family_sizes)
+    schema_backends = candidate_schema_backends(df, s.candidates)
+    ctx = CMP.PairedContext(s.control, s.alpha, float(rule.power), s.family_sizes, clusters, draws.sums, draws.qdraws,
+                            _equivalence_margin(rule))
+    comparisons = {
+        cand: CMP.compare(ctx, cand, data[s.control], data[cand], draws.paired[cand], _prices(s, cand, costs, endpoints))
+        for cand in s.candidates
+    }
+    for cand, comp in comparisons.items():  # the whole-run figure, kept for reports (informational)
+        comp["cost_ratio_per_1k_success"] = S.num(S.ratio(arms_out[cand]["cost"]["per_1k_success"],
+                                                          arms_out[s.control]["cost"]["per_1k_success"]))
+    family = CMP.holm_family(comparisons, s.alpha)
     gates = validity_gates(GateInput(
         arms=s.arms, counts=counts, request_ids=df["request_id"], record_arms=df["arm"],
         ab_outcomes={arm: data[arm].rows["outcome"] for arm in s.arms}, duplicated_pairs=dup_pairs,
@@ -117,31 +157,72 @@ def evaluate(
         "experiment": cfg.name,
         "control": s.control,
         "candidates": s.candidates,
-        "settings": _settings(s, seed),
+        "settings": _settings(s, seed, clusters),
         "counts": counts,
         "arms": arms_out,
         "observe": observe,
         "schema_backends": schema_backends,
         "comparisons": comparisons,
-        "multiplicity": {"method": "holm", "family": family},
+        "multiplicity": {"method": "holm (informational)", "family": family,
+                         "decision": "Bonferroni intervals over the rule's families (see settings.multiplicity)"},
+        "pool": _pool(df, schema_pool),
         "gates": gates,
         "valid": all(g["passed"] for g in gates),
     }
     return S.jsonable(result)
 
 
-def _settings(s: _Setup, seed: int) -> dict:
+def _settings(s: _Setup, seed: int, clusters: np.ndarray | None) -> dict:
     """The conventions the numbers were computed under (the module docstring, in the result)."""
     return {
         "alpha": s.alpha, "confidence": 1 - s.alpha, "bootstrap_resamples": s.resamples, "seed": seed,
-        "bootstrap": "percentile; pairs resampled in the A/B phase",
-        "latency_basis": LATENCY_BASIS, "equivalence_margin": _equivalence_margin(s.rule), "p99_min_n": S.P99_MIN_N,
+        "bootstrap": ("percentile; schemas resampled with all their pairs (cluster bootstrap) in the A/B phase"
+                      if clusters is not None else "percentile; pairs resampled in the A/B phase (one pair per schema)"),
+        "unit": "schema", "schemas_repeated": clusters is not None,
+        "success_interval": "Wilson / paired Newcombe (method 10), at the design effect of the schemas when repeated",
+        "cv_interval": f"CV and mean ratios: percentile interval computed at level 1 - alpha/{BS.TAIL_EXPAND:g} "
+                       "(expanded: the plain one under-covers)",
+        "latency_basis": LATENCY_BASIS, "censoring_s": float(s.cfg.workload.timeout_s),
+        "equivalence_margin": _equivalence_margin(s.rule), "p99_min_n": S.P99_MIN_N,
         "min_bootstrap_n": BS.MIN_BOOTSTRAP_N,
-        "cost_basis": "USD per arm (from the run's deploy/teardown) over the arm's successful requests "
-                      "in the whole run (all phases, warm-ups included)",
+        "cost_basis": "per arm: USD (from the run's deploy/teardown) over the arm's successful requests in the whole "
+                      "run (informational); compared: USD/h ratio x A/B successes ratio (A/B rows only)",
         "power": float(s.rule.power),
-        "multiplicity": "Holm over {success (McNemar), latency (Wilcoxon)} x candidates",
+        "family_sizes": list(s.family_sizes),
+        "multiplicity": "the decision judges Bonferroni intervals: a claim over a family of k at level 1 - alpha/k "
+                        "(primary gains; guardrails broken); Holm over {success (McNemar mid-p), latency (Wilcoxon)} "
+                        "x candidates is reported, informational",
     }
+
+
+def _pool(df: Columns, schema_pool: int | None) -> dict:
+    """The workload's schemas: in the suite, used by observe + A/B, left for more pairs."""
+    sent = np.isin(df["phase"], ["observe", "ab"]) & ~df["warmup"]
+    used = int(np.unique(df["schema_id"][sent].astype(str)).size) if sent.any() else 0
+    left = None if schema_pool is None else max(0, int(schema_pool) - used)
+    return {"schemas": schema_pool, "used": used, "left": left}
+
+
+def _prices(s: _Setup, cand: str, costs: dict[str, float] | None, endpoints: dict[str, dict] | None) -> CMP.Price:
+    """USD per hour of the control and a candidate: the endpoints' (what deploy recorded), else the
+    config's; when neither knows one, the ratio of the run's USD totals (which include the
+    candidate's observe phase: a fallback, said so in `price_basis`)."""
+    def per_hour(arm: str) -> float | None:
+        ep = (endpoints or {}).get(arm) or {}
+        v = S.num(ep.get("cost_per_hour"))
+        if v:
+            return v
+        a = s.cfg.arm(arm)
+        v = float(a.modal.cost_per_hour) if a.target == "modal" else float(a.cost_per_hour)
+        return v or None
+
+    pk, pc = per_hour(s.control), per_hour(cand)
+    if pk and pc:
+        return CMP.Price(pk, pc, "USD per hour held (endpoints / config)")
+    uk, uc = S.num((costs or {}).get(s.control)), S.num((costs or {}).get(cand))
+    if uk and uc:
+        return CMP.Price(uk, uc, "the run's USD totals (no prices per hour known; includes observe and warm-up time)")
+    return CMP.Price(pk, pc, "no prices known")
 
 
 # -- step 2: accounting ----------------------------------------------------------------------------
@@ -158,31 +239,39 @@ def _phase_counts(df: Columns) -> Counts:
 # -- step 4: register bootstrap statistics ---------------------------------------------------------
 @dataclass(frozen=True)
 class _Draws:
-    """The one bootstrap pass over pairs: each statistic's registration, and the pass's output."""
+    """The one bootstrap pass over pairs (schemas): each statistic's registration, and the pass's output."""
 
-    per_arm: dict[str, dict[str, dict]]  # {arm: {"latency"/"ttft"/"tpot"/"first"/"repeated": registration}}
-    paired: dict[str, dict]  # {candidate: `register_paired`'s registration}
+    per_arm: dict[str, dict[str, Any]]  # {arm: {metric: registration}}
+    paired: dict[str, dict[str, dict]]  # {candidate: {metric: `register_paired`'s registration}}
     sums: np.ndarray  # B x registered columns
     qdraws: list[np.ndarray]  # per registered quantile set: B x quantiles
+    clusters: np.ndarray | None
 
 
-def _run_bootstrap(s: _Setup, data: dict[str, ArmPairs]) -> _Draws:
-    """Register every linear statistic (per-arm means and sds, first/repeated means) and every paired
-    latency ratio on one `CountBootstrap` over the pair units, and run it once, so paired ratios keep
-    their correlation and the cost is one pass."""
-    eng = BS.CountBootstrap(data[s.control].present.size, s.resamples, s.rng)
-    regs: dict[str, dict[str, dict]] = {}
+PER_ARM_METRICS = ("latency", "ttft", "tpot", "tokens")
+
+
+def _run_bootstrap(s: _Setup, data: dict[str, ArmPairs], clusters: np.ndarray | None) -> _Draws:
+    """Register every linear statistic (per-arm means and sds, first/repeated means),
+    every paired ratio, and (with repeated schemas, or for output tokens) the per-arm quantiles on
+    one `CountBootstrap` over the pair units clustered by schema, and run it once, so paired ratios
+    keep their correlation and the cost is one pass."""
+    eng = BS.CountBootstrap(data[s.control].present.size, s.resamples, s.rng, clusters=clusters)
+    regs: dict[str, dict[str, Any]] = {}
     for arm in s.arms:
         d = data[arm]
-        regs[arm] = {m: _register_metric(eng, getattr(d, m)) for m in ("latency", "ttft", "tpot")}
+        regs[arm] = {m: _register_metric(eng, getattr(d, m)) for m in PER_ARM_METRICS}
         regs[arm]["first"] = _register_subset_mean(eng, d.latency, d.first)
         regs[arm]["repeated"] = _register_subset_mean(eng, d.latency, ~d.first)
-    paired = {}
-    for cand in s.candidates:
-        a, b = data[s.control].latency, data[cand].latency
-        paired[cand] = BS.register_paired(eng, a, b, np.isfinite(a) & np.isfinite(b))
+        regs[arm]["tokens_success"] = _register_subset_mean(eng, d.tokens, d.success)
+        if clusters is not None:  # per-arm quantiles need the schema draws too (else: order statistics)
+            for m in ("latency", "ttft", "tpot"):
+                regs[arm][m]["q"] = eng.quantiles(getattr(d, m), regs[arm][m]["valid"], tuple(S.QUANTILES.values()))
+            for sub in ("first", "repeated"):
+                regs[arm][sub]["q"] = eng.quantiles(d.latency, regs[arm][sub]["valid"], (0.5,))
+    paired = {cand: CMP.register_candidate(eng, data[s.control], data[cand]) for cand in s.candidates}
     sums, qdraws = eng.run()
-    return _Draws(regs, paired, sums, qdraws)
+    return _Draws(regs, paired, sums, qdraws, clusters)
 
 
 def _register_metric(eng: BS.CountBootstrap, values: np.ndarray) -> dict:
@@ -203,44 +292,67 @@ def _register_subset_mean(eng: BS.CountBootstrap, values: np.ndarray, mask: np.n
 
 
 # -- step 5: per-arm metrics -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class _ArmCtx:
+    """What one arm's summaries read: the pass, the generator (order-statistic draws), the level, and
+    the schema labels of the pair units."""
+
+    sums: np.ndarray
+    qdraws: list[np.ndarray]
+    rng: np.random.Generator
+    B: int
+    alpha: float
+    clusters: np.ndarray | None
+
+    def units(self, valid: np.ndarray) -> int:
+        return int(valid.sum()) if self.clusters is None else int(np.unique(self.clusters[valid]).size)
+
+
 def _per_arm_metrics(s: _Setup, df: Columns, data: dict[str, ArmPairs], draws: _Draws, counts: Counts,
                      costs: dict[str, float]) -> dict[str, dict]:
     """{arm: metrics}, arms in the config's order (the order the generator is consumed in)."""
     all_success = Counter(df["arm"][df["outcome"] == "success"].tolist())
+    ax = _ArmCtx(draws.sums, draws.qdraws, s.rng, s.resamples, s.alpha, draws.clusters)
     out = {}
     for arm in s.arms:
         n_warmup = int(counts.get("ab", {}).get(arm, {}).get("warmup", 0))
         cost = _cost(S.num(costs.get(arm)), int(all_success.get(arm, 0)))
-        out[arm] = _arm_metrics(s, arm, data[arm], draws, n_warmup, cost)
+        out[arm] = _arm_metrics(s, ax, arm, data[arm], draws.per_arm[arm], n_warmup, cost)
     return out
 
 
-def _arm_metrics(s: _Setup, arm: str, d: ArmPairs, draws: _Draws, n_warmup: int, cost: dict) -> dict:
+def _arm_metrics(s: _Setup, ax: _ArmCtx, arm: str, d: ArmPairs, regs: dict, n_warmup: int, cost: dict) -> dict:
     """One arm's A/B metrics: outcomes, success rate (Wilson), latency/TTFT/TPOT with intervals,
-    first vs repeated schema latency, backend share, cost. Quantile draws consume the generator in
-    the order first, repeated, latency, ttft, tpot."""
-    rows, regs, sums, rng, B, alpha = d.rows, draws.per_arm[arm], draws.sums, s.rng, s.resamples, s.alpha
+    output tokens, truncation, first vs repeated schema latency, backend share, cost. Without
+    repeated schemas the quantile draws consume the generator in the order first, repeated,
+    latency, ttft, tpot."""
+    rows = d.rows
     n = len(rows)
+    row_cl = None if ax.clusters is None else ax.clusters[d.pos]
     succ = int(np.sum(rows["outcome"] == "success"))
     transient = int(np.sum(np.isin(rows["outcome"], list(TRANSIENT_OUTCOMES))))
-    first = _subset_summary(regs["first"], d.latency, sums, rng, B, alpha)
-    rep = _subset_summary(regs["repeated"], d.latency, sums, rng, B, alpha)
+    first = _subset_summary(ax, regs["first"], d.latency)
+    rep = _subset_summary(ax, regs["repeated"], d.latency)
+    truncated = d.truncated[d.present]
     out: dict[str, Any] = {
         "role": "control" if arm == s.control else "candidate",
         "configured_backend": s.cfg.arm(arm).backend,
         "n": n,
         "n_warmup": n_warmup,
-        "success": {"count": succ, "rate": S.wilson(succ, n, alpha).to_dict()},
-        "outcomes": _outcome_counts(rows["outcome"]),
+        "success": {"count": succ, "rate": S.wilson_clustered(rows["outcome"] == "success", row_cl, ax.alpha).to_dict()},
+        "outcomes": outcome_counts(rows["outcome"]),
         "transient_error_share": S.num(transient / n) if n else None,
-        "latency": _metric_summary(regs["latency"], d.latency, sums, rng, B, alpha),
-        "ttft": _metric_summary(regs["ttft"], d.ttft, sums, rng, B, alpha),
-        "tpot": _metric_summary(regs["tpot"], d.tpot, sums, rng, B, alpha),
+        "latency": _metric_summary(ax, regs["latency"], d.latency, int(np.sum(d.censored))),
+        "ttft": _metric_summary(ax, regs["ttft"], d.ttft),
+        "tpot": _metric_summary(ax, regs["tpot"], d.tpot),
+        "output_tokens": _tokens_summary(ax, regs, d),
+        "truncated": {"count": int(truncated.sum()),
+                      "share": S.wilson_clustered(truncated, row_cl, ax.alpha).to_dict()},
         "first_vs_repeated": {
             "first": first, "repeated": rep,
             "p50_ratio_first_over_repeated": S.num(S.ratio(first["p50"]["estimate"], rep["p50"]["estimate"])),
         },
-        "backend": _backend_share(rows["backend"], s.rule.expected_backend, alpha),
+        "backend": backend_share(rows["backend"], s.rule.expected_backend, ax.alpha, row_cl, s.family_sizes),
         "cost": cost,
     }
     out["cv"] = out["latency"]["cv"]
@@ -253,193 +365,70 @@ def _cost(usd: float | None, successes: int) -> dict:
             "per_1k_success": S.num(usd / successes * 1000) if usd is not None and successes else None}
 
 
-def _metric_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng: np.random.Generator, B: int,
-                    alpha: float) -> dict:
-    """Mean, p50/p95/p99 and CV of one metric, each with its percentile-bootstrap interval."""
+def _quantile_draws(ax: _ArmCtx, reg: dict, x: np.ndarray, q: float, i: int) -> np.ndarray:
+    """B draws of the q-quantile: from the cluster pass when schemas repeat, else order statistics."""
+    if "q" in reg:
+        return ax.qdraws[reg["q"]][:, i]
+    return BS.bootstrap_quantile_draws(x, q, ax.B, ax.rng)
+
+
+def _metric_summary(ax: _ArmCtx, reg: dict, values: np.ndarray, n_censored: int = 0) -> dict:
+    """Mean, p50/p95/p99 and CV of one metric, each with its percentile-bootstrap interval; with
+    censored values, the quantiles that reach into them are flagged `censored` (lower bounds)."""
     x = np.sort(values[reg["valid"]])
     n = int(x.size)
+    units = ax.units(reg["valid"])
     out: dict[str, Any] = {"n": n}
+    if n_censored:
+        out["n_censored"] = n_censored
+        out["restricted_mean"] = True
     if n == 0:
         for k in ("mean", *S.QUANTILES, "cv"):
             out[k] = S.NO_INTERVAL.to_dict()
         return out
-    means, sds = BS.moments(sums, reg["cnt"], reg["s1"], reg["s2"], reg["center"])
-    out["mean"] = BS.percentile_interval(float(x.mean()), means, alpha, n).to_dict()
-    for name, q in S.QUANTILES.items():
-        iv = BS.percentile_interval(BS.sorted_quantile(x, q), BS.bootstrap_quantile_draws(x, q, B, rng), alpha, n)
+    means, sds = BS.moments(ax.sums, reg["cnt"], reg["s1"], reg["s2"], reg["center"])
+    out["mean"] = BS.percentile_interval(float(x.mean()), means, ax.alpha, units).to_dict()
+    for i, (name, q) in enumerate(S.QUANTILES.items()):
+        iv = BS.percentile_interval(BS.sorted_quantile(x, q), _quantile_draws(ax, reg, x, q, i), ax.alpha, units)
         out[name] = {**iv.to_dict(), "descriptive": bool(q >= 0.99 and n < S.P99_MIN_N)}
+        if n_censored and int(np.ceil((n - 1) * q)) >= n - n_censored:
+            out[name]["censored"] = True
     with np.errstate(invalid="ignore", divide="ignore"):
-        out["cv"] = BS.percentile_interval(S.cv(x), sds / means, alpha, n).to_dict()
+        out["cv"] = BS.percentile_interval(S.cv(x), sds / means, ax.alpha / BS.TAIL_EXPAND, units).to_dict()
     return out
 
 
-def _subset_summary(reg: dict, values: np.ndarray, sums: np.ndarray, rng: np.random.Generator, B: int,
-                    alpha: float) -> dict:
+def _subset_summary(ax: _ArmCtx, reg: dict, values: np.ndarray) -> dict:
     """Mean and p50 of a metric over a subset of the units, with intervals."""
     x = np.sort(values[reg["valid"]])
     if x.size == 0:
         return {"n": 0, "mean": S.NO_INTERVAL.to_dict(), "p50": S.NO_INTERVAL.to_dict()}
+    units = ax.units(reg["valid"])
     with np.errstate(invalid="ignore", divide="ignore"):
-        means = reg["center"] + sums[:, reg["s1"]] / sums[:, reg["cnt"]]
+        means = reg["center"] + ax.sums[:, reg["s1"]] / ax.sums[:, reg["cnt"]]
     return {
         "n": int(x.size),
-        "mean": BS.percentile_interval(float(x.mean()), means, alpha, int(x.size)).to_dict(),
-        "p50": BS.percentile_interval(BS.sorted_quantile(x, 0.5), BS.bootstrap_quantile_draws(x, 0.5, B, rng),
-                                      alpha, int(x.size)).to_dict(),
+        "mean": BS.percentile_interval(float(x.mean()), means, ax.alpha, units).to_dict(),
+        "p50": BS.percentile_interval(BS.sorted_quantile(x, 0.5), _quantile_draws(ax, reg, x, 0.5, 0),
+                                      ax.alpha, units).to_dict(),
     }
 
 
-def _counts(values: np.ndarray) -> dict[str, int]:
-    return {str(k): int(v) for k, v in sorted(Counter(values.tolist()).items(), key=lambda kv: str(kv[0]))}
-
-
-def _outcome_counts(outcomes: np.ndarray) -> dict[str, int]:
-    """Counts of every known outcome (in OUTCOMES order, zeros included), plus "other" if any."""
-    c = Counter(outcomes.tolist())
-    out = {o: int(c.pop(o, 0)) for o in OUTCOMES}
-    other = sum(c.values())
-    if other:
-        out["other"] = int(other)
+def _tokens_summary(ax: _ArmCtx, regs: dict, d: ArmPairs) -> dict:
+    """Output tokens per answer (mean with its interval, p50) and per successful answer (mean with its
+    interval), from the one pass: the generator is not touched."""
+    reg, sreg = regs["tokens"], regs["tokens_success"]
+    x = np.sort(d.tokens[reg["valid"]])
+    xs = d.tokens[sreg["valid"]]
+    out: dict[str, Any] = {"n": int(x.size), "mean": S.NO_INTERVAL.to_dict(), "p50": S.NO_INTERVAL.to_dict(),
+                           "per_success": {"n": int(xs.size), "mean": S.NO_INTERVAL.to_dict()}}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if x.size:
+            means, _ = BS.moments(ax.sums, reg["cnt"], reg["s1"], reg["s2"], reg["center"])
+            out["mean"] = BS.percentile_interval(float(x.mean()), means, ax.alpha, ax.units(reg["valid"])).to_dict()
+            out["p50"] = {"estimate": BS.sorted_quantile(x, 0.5), "ci_low": None, "ci_high": None}  # no interval: not worth a pass
+        if xs.size:
+            smeans = sreg["center"] + ax.sums[:, sreg["s1"]] / ax.sums[:, sreg["cnt"]]
+            out["per_success"]["mean"] = BS.percentile_interval(float(xs.mean()), smeans, ax.alpha,
+                                                                ax.units(sreg["valid"])).to_dict()
     return out
-
-
-def _backend_counts(backends: np.ndarray) -> dict[str, int]:
-    return _counts(np.array(["unknown" if b is None else str(b) for b in backends.tolist()], dtype=object))
-
-
-def _backend_share(backends: np.ndarray, expected: str, alpha: float) -> dict:
-    """Backend counts and the share (Wilson) of the expected backend among requests that reported one."""
-    counts = _backend_counts(backends)
-    known = {k: v for k, v in counts.items() if k != "unknown"}
-    n_known = sum(known.values())
-    iv = S.wilson(known.get(expected, 0), n_known, alpha)
-    return {"counts": counts, "expected": expected, "n_known": n_known, "unknown": counts.get("unknown", 0),
-            "share": iv.to_dict()}
-
-
-# -- step 6: observe section -----------------------------------------------------------------------
-def _observe_section(s: _Setup, df: Columns, counts: Counts) -> dict:
-    """The observe phase per arm (outcomes, backend counts and share), and for each candidate the
-    backend each schema resolved to most often and the schemas resolved to more than one."""
-    obs_mask = (df["phase"] == "observe") & ~df["warmup"]
-    observe: dict[str, Any] = {"arms": {}, "schema_backends": {}, "mixed_schemas": {}}
-    for arm in sorted(set(df["arm"][obs_mask].tolist())):
-        g = df.take(obs_mask & (df["arm"] == arm))
-        observe["arms"][str(arm)] = {
-            "n": len(g), "n_warmup": int(counts.get("observe", {}).get(str(arm), {}).get("warmup", 0)),
-            "outcomes": _outcome_counts(g["outcome"]), "backend_counts": _backend_counts(g["backend"]),
-            "backend_share": _backend_share(g["backend"], s.rule.expected_backend, s.alpha)["share"],
-        }
-        if arm in s.candidates:
-            per = _backends_per_schema(g)
-            observe["schema_backends"][str(arm)] = {k: c.most_common(1)[0][0] for k, c in per.items()}
-            observe["mixed_schemas"][str(arm)] = [k for k, c in per.items() if len(c) > 1]
-    return observe
-
-
-def _candidate_schema_backends(s: _Setup, df: Columns) -> dict[str, dict]:
-    """What each candidate resolved for every schema it was sent (observe and A/B, warm-ups excluded)."""
-    sent = np.isin(df["phase"], ["observe", "ab"]) & ~df["warmup"]
-    return {arm: _schema_backends(df.take(sent & (df["arm"] == arm))) for arm in s.candidates}
-
-
-def _backends_per_schema(g: Columns) -> dict[str, Counter]:
-    """{schema: Counter of the backends the server reported for it}, schemas sorted."""
-    per: dict[str, Counter] = {}
-    for sid, be in zip(g["schema_id"].tolist(), g["backend"].tolist()):
-        if be is not None:
-            per.setdefault(str(sid), Counter())[str(be)] += 1
-    return dict(sorted(per.items()))
-
-
-def _schema_backends(g: Columns) -> dict[str, Any]:
-    """{backend: [schemas it was resolved for]} and the schemas resolved to more than one backend."""
-    per = _backends_per_schema(g)
-    by_backend: dict[str, list[str]] = {}
-    for sid, counts in per.items():
-        for be in counts:
-            by_backend.setdefault(be, []).append(sid)
-    return {"by_backend": dict(sorted(by_backend.items())), "schemas": len(per),
-            "mixed": [k for k, c in per.items() if len(c) > 1]}
-
-
-# -- step 7: paired comparisons --------------------------------------------------------------------
-def _comparison(s: _Setup, cand: str, data: dict[str, ArmPairs], draws: _Draws, arms_out: dict[str, dict]) -> dict:
-    """One candidate against the control: success over pairs both arms recorded, latency over pairs
-    both answered, CV and cost ratios, minimum detectable effects, pairs sent with different settings."""
-    dk, dc = data[s.control], data[cand]
-    n_pairs, success, mde_success = _success_comparison(dk, dc, s.alpha, s.rule.power)
-    latency, cv_ratio, mde_latency = _latency_comparison(s, dk, dc, draws, draws.paired[cand])
-    cost_k, cost_c = arms_out[s.control]["cost"]["per_1k_success"], arms_out[cand]["cost"]["per_1k_success"]
-    return {
-        "control": s.control, "candidate": cand, "n_pairs": n_pairs,
-        "success": success,
-        "latency": latency,
-        "cv_ratio": cv_ratio,
-        "cost_ratio_per_1k_success": S.num(S.ratio(cost_c, cost_k)),
-        "mde": {"success_diff": mde_success, "latency_p50_ratio": mde_latency},
-        "stream_mismatched_pairs": int(np.sum(dc.present & dk.present & (dc.stream != dk.stream))),
-    }
-
-
-def _success_comparison(dk: ArmPairs, dc: ArmPairs, alpha: float, power: float) -> tuple[int, dict, float | None]:
-    """(pairs, the success section, the minimum detectable difference): the paired 2x2 table,
-    Newcombe's interval of the difference, McNemar's test and the per-pair sd."""
-    both_present = dc.present & dk.present
-    n_pairs = int(both_present.sum())
-    sc, sk = dc.success[both_present], dk.success[both_present]
-    a, b, c, dd = (int(np.sum(sc & sk)), int(np.sum(sc & ~sk)), int(np.sum(~sc & sk)), int(np.sum(~sc & ~sk)))
-    diff = S.newcombe_diff_paired(a, b, c, dd, alpha)
-    mcn = S.mcnemar_test(a, b, c, dd) if n_pairs else S.TestResult(None, None, "mcnemar")
-    sd_success = S.paired_proportion_sd(a, b, c, dd) if n_pairs else None
-    sd_success_ci = S.sd_unit_from_interval(diff.ci_low, diff.ci_high, n_pairs, alpha)
-    section = {
-        "table": {"both": a, "candidate_only": b, "control_only": c, "neither": dd},
-        "control_rate": S.num(sk.mean()) if n_pairs else None,
-        "candidate_rate": S.num(sc.mean()) if n_pairs else None,
-        "diff": {**diff.to_dict(), "method": "newcombe-paired (method 10)"},
-        "mcnemar": mcn.to_dict(),
-        "sd_unit": S.num(sd_success_ci if sd_success_ci else sd_success),
-    }
-    mde = S.num(S.mde_paired_proportion(n_pairs, sd_success, alpha, power)) if sd_success else None
-    return n_pairs, section, mde
-
-
-def _latency_comparison(s: _Setup, dk: ArmPairs, dc: ArmPairs, draws: _Draws,
-                        reg: dict) -> tuple[dict, dict, float | None]:
-    """(the latency section, the CV-ratio section, the minimum detectable p50 ratio change): paired
-    bootstrap ratios, Wilcoxon and TOST on log latency over pairs where both arms answered."""
-    alpha, valid = s.alpha, reg["valid"]
-    n_lat = int(valid.sum())
-    ratios = BS.paired_intervals(reg, draws.sums, draws.qdraws, dk.latency, dc.latency, alpha)
-    wil = S.wilcoxon_signed_rank(dk.latency[valid], dc.latency[valid])
-    tost = S.tost_log_ratio(dk.latency[valid], dc.latency[valid], _equivalence_margin(s.rule), alpha)
-    sd_lat = S.sd_unit_from_interval(ratios["p50"].ci_low, ratios["p50"].ci_high, n_lat, alpha, log=True)
-    sd_cv = S.sd_unit_from_interval(ratios["cv"].ci_low, ratios["cv"].ci_high, n_lat, alpha, log=True)
-    latency = {
-        "n_pairs": n_lat,
-        "ratio_mean": ratios["mean"].to_dict(), "ratio_p50": ratios["p50"].to_dict(),
-        "ratio_p95": ratios["p95"].to_dict(),
-        "wilcoxon": wil.to_dict(), "tost": tost.to_dict(),
-        "sd_log_unit": S.num(sd_lat),
-    }
-    cv_ratio = {**ratios["cv"].to_dict(), "sd_log_unit": S.num(sd_cv)}
-    return latency, cv_ratio, S.num(S.mde_ratio(n_lat, sd_lat, alpha, s.rule.power))
-
-
-# -- step 8: multiplicity (Holm) -------------------------------------------------------------------
-def _multiplicity(comparisons: dict[str, dict], alpha: float) -> list[dict]:
-    """Holm over the pre-declared family {success (McNemar), latency (Wilcoxon)} x candidates: sets
-    each comparison's `p_holm` and returns the family with its adjusted p-values."""
-    family: list[dict] = []
-    for cand, comp in comparisons.items():
-        mcn, wil = comp["success"]["mcnemar"], comp["latency"]["wilcoxon"]
-        family += [
-            {"candidate": cand, "metric": "success", "test": mcn["method"], "pvalue": mcn["pvalue"]},
-            {"candidate": cand, "metric": "latency", "test": "wilcoxon (log latency)", "pvalue": wil["pvalue"]},
-        ]
-    adjusted = S.holm([f["pvalue"] for f in family], alpha)
-    for f, p in zip(family, adjusted):
-        f["p_holm"] = p
-        comparisons[f["candidate"]].setdefault("p_holm", {})[f["metric"]] = p
-    return family

@@ -1,11 +1,18 @@
 """The evaluation's view of the records: numpy columns, and each arm's A/B records de-duplicated and
 aligned on the pair units.
 
-The pair (`pair_index`) is the unit of the A/B phase: both arms were sent the same schema, and
-every bootstrap resamples pairs. So before any statistic, each arm's measured A/B rows are cut to
-one record per pair (the last attempt wins) and laid out on the union of pair units, NaN/False
-where an arm has no record or no answer. Separate from `evaluation.py` so that the statistics
-there read arrays only; pandas indexing here would cost more than the statistics themselves.
+The pair (`pair_index`) is the unit of the A/B phase: both arms were sent the same schema. So
+before any statistic, each arm's measured A/B rows are cut to one record per pair (the last attempt
+wins) and laid out on the union of pair units, NaN/False where an arm has no record or no answer.
+The *schema* is the independent unit, though: repeats of a schema are correlated (at temperature 0
+nearly identical), so `unit_clusters` labels each pair with its schema for the cluster bootstrap
+and the design-effect intervals. Separate from `evaluation.py` so that the statistics there read
+arrays only; pandas indexing here would cost more than the statistics themselves.
+
+Latency is never conditioned on the outcome away: a request that got an answer has its measured
+latency; a timeout or connection error has none, but the client waited `timeout_s` for it (or gave
+up earlier), so it enters latency *right-censored* at the workload's timeout (flagged in
+`censored`). Quantiles below the censored share are then exact and the mean is a restricted mean.
 """
 
 from __future__ import annotations
@@ -13,10 +20,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from guided_ab.records import RECORD_COLUMNS
+from guided_ab.records import RECORD_COLUMNS, UNVALIDATED_OUTCOMES
 
-# outcomes whose request got a generated completion back: latency is measured over these
-ANSWERED_OUTCOMES = frozenset({"success", "truncated", "invalid_json", "schema_violation"})
+# outcomes whose request got a generated completion back: latency is measured over these (an
+# answer our validator could not judge is still an answer: its latency and tokens are real)
+ANSWERED_OUTCOMES = frozenset({"success", "truncated", "invalid_json", "schema_violation"}) | UNVALIDATED_OUTCOMES
+# outcomes without an answer whose wait still counts: latency right-censored at the timeout
+CENSORED_OUTCOMES = frozenset({"timeout", "connection_error"})
 
 
 def _objects(s: pd.Series) -> np.ndarray:
@@ -68,17 +78,25 @@ class Columns:
 
 
 class ArmPairs:
-    """One arm's A/B records aligned to the pair units (NaN/False where the arm has no record)."""
+    """One arm's A/B records aligned to the pair units (NaN/False where the arm has no record).
 
-    def __init__(self, rows: Columns, units: np.ndarray):
+    `latency` holds answered requests' latency and, for timeouts and connection errors, the
+    censoring value: `timeout_s` when given, else the elapsed time the record holds (flagged in
+    `censored`). `ttft`, `tpot` and `tokens` (output tokens) are over answered requests only.
+    """
+
+    def __init__(self, rows: Columns, units: np.ndarray, timeout_s: float | None = None):
         n = units.size
         pos = np.searchsorted(units, rows["pair_index"])
+        self.pos = pos  # each row's unit (rows are in pair order)
         self.present = np.zeros(n, bool)
         self.present[pos] = True
         outcome = np.full(n, "", dtype=object)
         outcome[pos] = rows["outcome"]
         self.success = outcome == "success"
+        self.truncated = outcome == "truncated"
         answered_rows = np.isin(rows["outcome"], list(ANSWERED_OUTCOMES))
+        censored_rows = np.isin(rows["outcome"], list(CENSORED_OUTCOMES))
 
         def aligned(values: np.ndarray, ok: np.ndarray) -> np.ndarray:
             out = np.full(n, np.nan)
@@ -86,7 +104,14 @@ class ArmPairs:
             return out
 
         lat, ttft, toks = rows["latency_s"], rows["ttft_s"], rows["completion_tokens"]
-        self.latency = aligned(lat, answered_rows & np.isfinite(lat))
+        lat = np.where(censored_rows, float(timeout_s) if timeout_s is not None else lat, lat)
+        censored_rows = censored_rows & np.isfinite(lat)
+        self.latency = aligned(lat, (answered_rows | censored_rows) & np.isfinite(lat))
+        self.censored = np.zeros(n, bool)
+        self.censored[pos] = censored_rows
+        self.answered = np.zeros(n, bool)
+        self.answered[pos] = answered_rows
+        self.tokens = aligned(toks, answered_rows & np.isfinite(toks))
         self.ttft = aligned(ttft, answered_rows & np.isfinite(ttft))
         with np.errstate(invalid="ignore", divide="ignore"):
             tpot = (lat - ttft) / (toks - 1)
@@ -96,13 +121,33 @@ class ArmPairs:
         self.first[pos] = rows["first_for_schema"]
         self.stream = np.full(n, -1, np.int8)
         self.stream[pos] = rows["stream"].astype(np.int8)
+        self.schema = np.full(n, None, dtype=object)
+        self.schema[pos] = rows["schema_id"]
         self.rows = rows
 
 
-def dedupe_pairs(df: Columns, arms: list[str]) -> tuple[dict[str, ArmPairs], dict[str, int]]:
+def unit_clusters(data: dict[str, ArmPairs]) -> np.ndarray | None:
+    """Each pair unit's schema as an integer label (0..schemas-1), or None when every schema is in
+    one pair only (then pairs are the independent units and every interval is the pair-level one)."""
+    arms = list(data.values())
+    if not arms:
+        return None
+    schema = arms[0].schema.copy()
+    for d in arms[1:]:
+        missing = np.array([v is None for v in schema.tolist()], dtype=bool)
+        schema[missing] = d.schema[missing]
+    n = schema.size
+    missing = np.array([v is None for v in schema.tolist()], dtype=bool)
+    schema[missing] = [f"\0unit{i}" for i in np.flatnonzero(missing)]  # a unit without a schema is its own
+    codes = np.unique(schema.astype(str), return_inverse=True)[1].astype(np.int64)
+    return None if n == 0 or int(codes.max()) + 1 == n else codes
+
+
+def dedupe_pairs(df: Columns, arms: list[str], timeout_s: float | None = None) -> tuple[dict[str, ArmPairs], dict[str, int]]:
     """The A/B phase's measured rows, one record per (arm, pair): the last attempt wins (then the
-    last sent). Returns every arm aligned on the union of pair units, and {arm: pairs that had more
-    than one record} for the unique-requests gate."""
+    last sent). Returns every arm aligned on the union of pair units (timeouts and connection
+    errors censored at `timeout_s`), and {arm: pairs that had more than one record} for the
+    unique-requests gate."""
     ab_mask = (df["phase"] == "ab") & ~df["warmup"]
     dup_pairs: dict[str, int] = {}
     per_arm_idx = {}
@@ -117,4 +162,4 @@ def dedupe_pairs(df: Columns, arms: list[str]) -> tuple[dict[str, ArmPairs], dic
             dup_pairs[arm] = int(np.unique(pi[~last]).size)
         per_arm_idx[arm] = idx[last]
     units = np.unique(np.concatenate([df["pair_index"][i] for i in per_arm_idx.values()]))
-    return {arm: ArmPairs(df.take(per_arm_idx[arm]), units) for arm in arms}, dup_pairs
+    return {arm: ArmPairs(df.take(per_arm_idx[arm]), units, timeout_s) for arm in arms}, dup_pairs

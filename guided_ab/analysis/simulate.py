@@ -1,250 +1,393 @@
-"""Synthetic experiments with known truth, run through `evaluate` + `decide`.
+"""`guided-ab simulate`: the decision rules run on synthetic experiments whose truth is known.
 
-`synthetic_records` generates an A/B phase (and optionally an observe phase) whose truth is
-exact by construction:
-- success: a Gaussian-copula threshold model. Each pair has a shared difficulty z, each request
-  its own noise; a request succeeds when rho z + sqrt(1 - rho^2) e < Phi^-1(p_arm). The marginal
-  success rates are exactly p_control and p_candidate (so the true difference is their
-  difference) and `success_corr` sets how strongly failures share schemas.
-- latency: log L = log(base) + schema effect + N(0, sigma), plus log(ratio) on the candidate.
-  The arms' marginal distributions differ by the factor `ratio` alone, so the true mean, p50
-  and p95 ratios all equal `ratio` and the CV ratio is 1. Whether a request got an answer is
-  independent of its latency, so the truth also holds over answered pairs.
+Why: an interval method or a decision rule is only as good as its error rates on experiments
+like the real ones, and those can only be measured where the truth is known. The experiments
+come from `scenarios.py` (schemas as clusters, repeats, outcome-dependent latency, timeouts,
+costs, effects on and near the margins); the truth of every statistic from `truth.py`.
 
-`simulate` draws scenarios (null, faster, slower, less reliable, faster-but-less-reliable, more
-reliable, small effects) and reports interval coverage and decision error rates.
+What one experiment is: a run of the scenario at its cap (200 pairs: 200 schemas, or 50 x 4
+repeats), with warm-ups, the candidate's 6 observe requests and both arms' costs. From it:
+- fixed-size runs: the disjoint blocks of 30 and of 50 pairs that hold no repeat (6 and 4 of
+  them over 200 schemas; the first 30 / 50 pairs of a plan with repeats), and the whole cap;
+  each is evaluated and decided (`evaluate` + `decide`) as an experiment of its own;
+- the sequential rule (`sequential.judge_look`) at looks of `look` pairs up to the cap, stopping
+  at the first settled look (inconclusive at the cap), and the same looks' confidence sequences
+  judged against the truth at every look;
+- naive peeking: `evaluate` + `decide` at every look, stopping at the first verdict that is not
+  inconclusive: the contrast that shows why the sequential rule exists.
+
+The headline numbers (the last line of the command), exactly:
+- coverage = the lowest, over the cells (size, statistic), of the share of fixed-size 95 %
+  intervals that contain the truth (within 2 Monte-Carlo standard errors of it, < 0.006 on
+  every statistic). A cell pools every scenario at that size (coverage is a property of the
+  interval method at a size, not of the effect); sizes are 30, 50, 200 (one request per schema)
+  and 50x4 (50 schemas x 4 repeats). Statistics: the success difference, the p50 / mean / p95
+  latency ratios, the CV ratio, and the explain metrics that come with intervals. Intervals not
+  reported (too few values) are left out of the rate and counted beside it.
+- wrong_decisions = the highest, over scenarios, of the mean over the product's four designs
+  (fixed size at 30, 50 and 200 or 50x4 pairs, and the sequential rule) of each design's share
+  of wrong decisions (a fixed-size design's runs are its blocks). Wrong: "switch" where the
+  truth says keep, "keep" where it says switch, and "invalid" anywhere (the experiments are
+  valid by construction); "inconclusive" is never wrong and has its own rate beside it. The
+  right decision is derived from the truth (`truth.route`); where it is "either", only
+  "invalid" is wrong. The per-design rates are in the table.
+- pairs_saved = 1 - S / F over the scenarios with a true effect (the arms differ, and the truth
+  names a right decision): S sums the sequential rule's mean pairs used, F the pairs a
+  fixed-size run needs for the power the sequential rule reached there (its share of right
+  decisions, clamped to [0.05, 0.99]). That fixed size is the normal-approximation sample size
+  (stats.n_needed) on the criterion that binds on the way to the right decision, with the
+  per-pair sds the evaluation reports (averaged over the cap-size runs): for a switch, the
+  largest over success and latency non-inferiority, the CV ratio and the easier gain; for a
+  keep by a broken guardrail, the smallest over the broken ones; for a keep by futility, the
+  larger of the two futility bounds. Binding criteria instead of the joint power favour the
+  fixed design, so the saving is if anything understated; scenarios where no fixed size gets
+  there (a truth exactly on a margin) are left out of S and F.
+Above it, the naive-peeking line: its wrong-decision rate per scenario, the highest first.
 """
 
 from __future__ import annotations
 
+import math
+import multiprocessing as mp
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from scipy import stats as sps
 
+from guided_ab.analysis import sequential as Q
+from guided_ab.analysis import stats as S
+from guided_ab.analysis import truth as T
 from guided_ab.analysis.decision import decide
 from guided_ab.analysis.evaluation import evaluate
-from guided_ab.config import Arm, DecisionRule, ExperimentConfig
-from guided_ab.records import RECORD_COLUMNS
+from guided_ab.analysis.scenarios import CANDIDATE, CONTROL, SCENARIOS, Experiment, Scenario
+from guided_ab.analysis.simulate_summary import summarize
+from guided_ab.analysis.synthetic import planned_counts, synthetic_config, synthetic_records
+from guided_ab.config import Arm, DecisionRule, ExperimentConfig, Sequential, Workload
 
-# how failed requests fail (shares); all but timeout return an answer with a latency
-FAILURE_MIX = {"schema_violation": 0.5, "truncated": 0.2, "invalid_json": 0.15, "timeout": 0.1, "server_error": 0.05}
+# the simple generator moved to synthetic.py; tests and benchmarks import it from here too
+__all__ = ["INTERVALS", "Settings", "planned_counts", "simulate", "synthetic_config", "synthetic_records"]
+
+Getter = Callable[[dict], dict | None]
 
 
-def synthetic_config(*, control: str = "control", candidate: str = "candidate", resamples: int = 2000,
-                     **rule: Any) -> ExperimentConfig:
+def _at(*path: str) -> Getter:
+    def get(comp: dict) -> dict | None:
+        node: Any = comp
+        for p in path:
+            if not isinstance(node, dict) or p not in node:
+                return None
+            node = node[p]
+        return node if isinstance(node, dict) else None
+    return get
+
+
+# statistic -> where its interval is in an evaluation's comparison (truth.py names the estimands)
+INTERVALS: dict[str, Getter] = {
+    "success_diff": _at("success", "diff"),
+    "latency_p50_ratio": _at("latency", "ratio_p50"),
+    "latency_mean_ratio": _at("latency", "ratio_mean"),
+    "latency_p95_ratio": _at("latency", "ratio_p95"),
+    "cv_ratio": _at("cv_ratio"),
+    "ttft_p50_ratio": _at("explain", "ttft_p50_ratio"),
+    "tpot_p50_ratio": _at("explain", "tpot_p50_ratio"),
+    "tokens_mean_ratio": _at("explain", "tokens_mean_ratio"),
+    "tokens_p50_ratio": _at("explain", "tokens_p50_ratio"),
+    "truncation_diff": _at("explain", "truncation", "diff"),
+    "cost_ratio": _at("cost", "ratio"),
+}
+SEQUENCES = {"seq_success_diff": "success_diff", "seq_latency_ratio": "latency_ratio"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    experiments: int = 400
+    seed: int = 0
+    resamples: int = 1000
+    workers: int = 2
+    look: int = 20  # pairs per look (sequential rule and naive peeking)
+    seq_cap: int | None = None  # the sequential rule's (and naive peeking's) cap; None: the scenario's
+    sizes: tuple[int, int] = (30, 50)  # fixed sizes below the cap (the cap is the third)
+    truth_pairs: int = T.TRUTH_PAIRS
+    scenarios: tuple[str, ...] = field(default_factory=lambda: tuple(s.name for s in SCENARIOS))
+
+
+def seq_cap(scn: Scenario, settings: Settings) -> int:
+    return max(scn.cap, int(settings.seq_cap or 0))
+
+
+def config(scn: Scenario, resamples: int, look: int, max_pairs: int | None = None) -> ExperimentConfig:
+    """The experiment config a synthetic run is evaluated under (the default, pre-registered rule)."""
+    w = scn.world
     return ExperimentConfig(
         name="synthetic",
-        arms=[Arm(name=control, role="control", backend="guidance"), Arm(name=candidate, role="candidate", backend="auto")],
-        decision=DecisionRule(bootstrap_resamples=resamples, **rule),
+        arms=[Arm(name=CONTROL, role="control", backend="guidance", cost_per_hour=scn.control.usd_per_hour),
+              Arm(name=CANDIDATE, role="candidate", backend="auto", cost_per_hour=scn.candidate.usd_per_hour)],
+        workload=Workload(size=scn.schemas, repeats=scn.repeats, observe_size=w.observe, warmup=w.warmup,
+                          max_tokens=w.max_tokens, timeout_s=w.timeout_s),
+        decision=DecisionRule(bootstrap_resamples=resamples,
+                              sequential=Sequential(pairs_per_look=look, max_pairs=max_pairs or scn.cap)),
     )
 
 
-def synthetic_records(
-    pairs: int,
-    *,
-    p_control: float = 0.9,
-    p_candidate: float = 0.9,
-    ratio: float = 1.0,
-    sigma: float = 0.35,
-    schema_sd: float = 0.5,
-    success_corr: float = 0.7,
-    base_latency: float = 1.0,
-    backend_share: float = 0.95,
-    expected_backend: str = "guidance",
-    warmup: int = 1,
-    observe: int = 0,
-    control: str = "control",
-    candidate: str = "candidate",
-    seed: int | np.random.Generator = 0,
-) -> pd.DataFrame:
-    """A records frame (RECORD_COLUMNS) for a paired two-arm experiment with a known truth."""
-    rng = np.random.default_rng(seed)
-    n = int(pairs)
-    z = rng.standard_normal(n)
-    schema = rng.normal(0.0, schema_sd, n)
-    rho = float(success_corr)
-    frames: list[dict[str, np.ndarray]] = []
-    thresholds = {control: sps.norm.ppf(p_control), candidate: sps.norm.ppf(p_candidate)}
-    # plan order: warm-ups first, then pairs with ABBA counterbalancing
-    first_ctrl = (np.arange(n) % 4 == 0) | (np.arange(n) % 4 == 3)
-    base = 2 * warmup
-    for j, arm in enumerate((control, candidate)):
-        success = rho * z + np.sqrt(1 - rho**2) * rng.standard_normal(n) < thresholds[arm]
-        log_lat = np.log(base_latency) + schema + rng.normal(0.0, sigma, n) + (np.log(ratio) if arm == candidate else 0)
-        if arm == control:
-            backend = np.full(n, "guidance", dtype=object)
-            order = base + 2 * np.arange(n) + np.where(first_ctrl, 0, 1)
+def _design(scn: Scenario, cfg: ExperimentConfig) -> Q.Design:
+    seq = cfg.decision.sequential
+    assert seq is not None
+    schemas = seq.max_pairs if scn.repeats == 1 else scn.schemas  # the units the cap can buy
+    return Q.Design(t_opt=max(8, min(seq.max_pairs, schemas)), pairs_per_look=seq.pairs_per_look, max_pairs=seq.max_pairs,
+                    max_usd=None, min_latency_gain=seq.min_latency_gain, min_success_gain=seq.min_success_gain)
+
+
+def _size_label(scn: Scenario, size: int) -> str:
+    """A coverage cell's size: pairs, or schemas x repeats where the run repeats schemas."""
+    if size <= scn.schemas:
+        return str(size)
+    r = size / scn.schemas
+    return f"{scn.schemas}x{r:g}" if r == int(r) else f"{size} ({scn.schemas} schemas)"
+
+
+def _layout(scn: Scenario, pairs: int) -> float:
+    """Pairs per schema of the plan's first `pairs` pairs (<= 1: no repeat yet)."""
+    return min(1.0, pairs / scn.schemas) if pairs <= scn.schemas else pairs / scn.schemas
+
+
+def _fixed_sizes(scn: Scenario, settings: Settings) -> tuple[int, ...]:
+    return (*settings.sizes, scn.cap)
+
+
+def blocks(scn: Scenario, size: int) -> list[np.ndarray]:
+    """The disjoint fixed-size runs of `size` pairs in a cap-size experiment: blocks of the first
+    pass (no repeats) while they fit, else the plan's prefix."""
+    if size >= scn.cap:
+        return [np.arange(scn.cap)]
+    k = max(1, scn.schemas // size)
+    return [np.arange(i * size, (i + 1) * size) for i in range(k)]
+
+
+# -- the truth of every scenario -------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScenarioTruth:
+    scn: Scenario  # calibrated
+    fixed: dict[float, T.Truth]  # layout -> the truth there
+    parts: T.SequentialParts | None  # with repeats: the sequential truths at any layout
+    route: tuple[str, str]  # the right decision and the way to it (truth.route), at the cap
+    differs: bool  # the arms truly differ
+
+    @property
+    def verdict(self) -> str:
+        return self.route[0]
+
+    @property
+    def cap(self) -> T.Truth:
+        return self.fixed[_layout(self.scn, self.scn.cap)] if self.scn.cap > self.scn.schemas else self.fixed[1.0]
+
+    def at(self, layout: float) -> T.Truth:
+        return self.fixed[1.0] if layout <= 1 else self.fixed[layout]
+
+    def sequence(self, layout: float) -> tuple[dict[str, float], dict[str, float]]:
+        """The sequential estimands' truth at a look's layout, and their Monte-Carlo errors."""
+        if self.parts is None or layout <= 1:
+            return self.fixed[1.0].values, self.fixed[1.0].mc_se
+        return self.parts.at(layout), self.cap.mc_se
+
+
+def _truth_job(job: tuple[Scenario, str, float, int]) -> tuple[str, str, float, Any]:
+    scn, kind, layout, pairs = job
+    if kind == "parts":
+        return scn.name, kind, layout, T.sequential_parts(scn, pairs=pairs)
+    return scn.name, kind, layout, T.truth(scn, layout, pairs=pairs)
+
+
+def truths(scns: list[Scenario], settings: Settings, pool: Any, rule: DecisionRule, seq: Sequential) -> dict[str, ScenarioTruth]:
+    """Calibrate every scenario, then compute its truths (layout 1, the cap's, the sequential parts)."""
+    cal = list(pool.map(_calibrate, [(s, settings.truth_pairs) for s in scns]))
+    jobs = []
+    for s in cal:
+        layouts = {1.0} | {_layout(s, n) for n in _fixed_sizes(s, settings)}
+        jobs += [(s, "truth", lay, settings.truth_pairs) for lay in sorted(layouts) if lay >= 1]
+        if s.repeats > 1:
+            jobs.append((s, "parts", 2.0, settings.truth_pairs))
+    got: dict[str, dict] = {s.name: {"fixed": {}, "parts": None} for s in cal}
+    for name, kind, layout, val in pool.map(_truth_job, jobs):
+        if kind == "parts":
+            got[name]["parts"] = val
         else:
-            backend = np.where(rng.random(n) < backend_share, expected_backend, "xgrammar").astype(object)
-            order = base + 2 * np.arange(n) + np.where(first_ctrl, 1, 0)
-        frames.append(_block(rng, "ab", arm, pair_index=np.arange(n), warm=np.zeros(n, bool), success=success,
-                             log_lat=log_lat, backend=backend, order=order))
-        if warmup:
-            w = np.arange(warmup)
-            wb = np.full(warmup, "guidance" if arm == control else expected_backend, dtype=object)
-            frames.append(_block(rng, "ab", arm, pair_index=-1 - w, warm=np.ones(warmup, bool), success=np.ones(warmup, bool),
-                                 log_lat=np.full(warmup, np.log(base_latency) + 1.0), backend=wb, order=2 * w + j))
-    if observe:
-        k = int(observe)
-        be = np.where(rng.random(k) < backend_share, expected_backend, "xgrammar").astype(object)
-        frames.append(_block(rng, "observe", candidate, pair_index=np.arange(k), warm=np.zeros(k, bool),
-                             success=np.ones(k, bool), log_lat=np.log(base_latency) + rng.normal(0, sigma, k), backend=be,
-                             order=np.arange(k)))
-    return _frame(frames)
-
-
-def _frame(frames: list[dict[str, np.ndarray]]) -> pd.DataFrame:
-    """The blocks as one records frame in plan order (observe rows after the A/B rows), with the
-    columns every synthetic record shares filled in."""
-    cols = {c: np.concatenate([f[c] for f in frames]) for c in frames[0]}
-    order = np.lexsort((cols["order_index"], cols["phase"] != "ab"))  # observe rows after the A/B rows
-    total = order.size
-    const = {"run_id": "synthetic", "subset": "synthetic", "first_for_schema": True, "stream": True, "attempt": 1,
-             "prompt_tokens": 100, "error": None, "output": None}
-    data = {}
-    for c in RECORD_COLUMNS:
-        v = cols[c][order] if c in cols else np.full(total, const[c], dtype=object if const[c] is None or
-                                                      isinstance(const[c], str) else None)
-        data[c] = pd.Series(v, dtype=object) if v.dtype == object else v
-    return pd.DataFrame(data, columns=RECORD_COLUMNS)
-
-
-def _block(rng: np.random.Generator, phase: str, arm: str, *, pair_index: np.ndarray, warm: np.ndarray,
-           success: np.ndarray, log_lat: np.ndarray, backend: np.ndarray, order: np.ndarray) -> dict[str, np.ndarray]:
-    """The record columns of one block of requests (one phase, one arm) with the given truth; failed
-    requests fail as FAILURE_MIX says, and the timing of those without an answer is not recorded."""
-    k = pair_index.size
-    fail_kind = rng.choice(np.array(list(FAILURE_MIX), dtype=object), size=k, p=list(FAILURE_MIX.values()))
-    outcome = np.where(success, "success", fail_kind).astype(object)
-    answered = ~np.isin(outcome, ["timeout", "server_error", "connection_error"])
-    lat = np.exp(log_lat)
-    ttft = lat * rng.uniform(0.05, 0.25, k)
-    toks = rng.integers(20, 200, k)
-    status = np.where(outcome == "server_error", 500, 200).astype(object)
-    status[outcome == "timeout"] = None
-    finish = np.full(k, None, dtype=object)
-    finish[answered] = "stop"
-    finish[outcome == "truncated"] = "length"
-    return {
-        "phase": np.full(k, phase, dtype=object), "arm": np.full(k, arm, dtype=object),
-        "request_id": np.array([f"{phase}-{o:06d}-{arm}" for o in order.tolist()], dtype=object),
-        "schema_id": np.array([f"s{p:05d}" if p >= 0 else f"warm{-p}" for p in pair_index.tolist()], dtype=object),
-        "order_index": order, "pair_index": pair_index, "warmup": warm,
-        "sent_at": 1.7e9 + order * 0.01,
-        "ttft_s": np.where(answered, ttft, np.nan), "latency_s": np.where(answered, lat, np.nan),
-        "completion_tokens": np.where(answered, toks, 0),
-        "finish_reason": finish,
-        "http_status": status, "backend": backend, "outcome": outcome,
-    }
-
-
-def planned_counts(records: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """{phase: {arm: count}} of a frame: the plan a complete synthetic run had."""
-    out: dict[str, dict[str, int]] = {}
-    for (phase, arm), g in records.groupby(["phase", "arm"]):
-        out.setdefault(str(phase), {})[str(arm)] = int(len(g))
+            got[name]["fixed"][layout] = val
+    out = {}
+    for s in cal:
+        fixed = got[s.name]["fixed"]
+        cap = fixed[max(1.0, _layout(s, s.cap))]
+        out[s.name] = ScenarioTruth(s, fixed, got[s.name]["parts"], T.route(cap, rule, seq), T.differs(cap))
     return out
 
 
-# -- scenarios -------------------------------------------------------------------------------------
-def _scenario(rng: np.random.Generator) -> dict:
-    kind = rng.choice(["null", "faster", "slower", "less_reliable", "faster_less_reliable", "more_reliable", "small"],
-                      p=[0.25, 0.2, 0.1, 0.1, 0.1, 0.1, 0.15])
-    p_ctrl = float(rng.uniform(0.75, 0.97))
-    p_cand, ratio, truth = p_ctrl, 1.0, "keep"
-    if kind == "faster":
-        ratio, truth = float(rng.uniform(0.65, 0.85)), "switch"
-    elif kind == "slower":
-        ratio = float(rng.uniform(1.2, 1.4))
-    elif kind == "less_reliable":
-        p_cand = p_ctrl - float(rng.uniform(0.10, 0.15))
-    elif kind == "faster_less_reliable":
-        ratio, p_cand = float(rng.uniform(0.7, 0.85)), p_ctrl - float(rng.uniform(0.10, 0.15))
-    elif kind == "more_reliable":
-        p_ctrl = float(rng.uniform(0.7, 0.85))
-        p_cand, truth = p_ctrl + float(rng.uniform(0.08, 0.12)), "switch"
-    elif kind == "small":  # near the margins or no-difference: no "right" decision to score
-        ratio, p_cand, truth = float(rng.uniform(0.95, 1.05)), p_ctrl + float(rng.uniform(-0.03, 0.03)), "ambiguous"
-    return {"kind": str(kind), "p_control": p_ctrl, "p_candidate": min(p_cand, 0.995), "ratio": ratio,
-            "truth": truth, "sigma": float(rng.uniform(0.2, 0.6)), "schema_sd": float(rng.uniform(0.2, 0.8)),
-            "success_corr": float(rng.uniform(0.3, 0.9))}
+def _calibrate(args: tuple[Scenario, int]) -> Scenario:
+    return T.calibrate(args[0], pairs=args[1])
 
 
-def _covers(iv: dict, truth: float) -> bool | None:
-    lo, hi = iv.get("ci_low"), iv.get("ci_high")
-    if lo is None or hi is None:
+# -- one experiment --------------------------------------------------------------------------------
+def _covers(iv: dict | None, truth: float, mc_se: float) -> bool | None:
+    """Does the interval hold the truth (within 2 Monte-Carlo standard errors of it)? None: no
+    interval was reported."""
+    if not iv or iv.get("ci_low") is None or iv.get("ci_high") is None:
         return None
-    return lo <= truth <= hi
+    tol = 2 * mc_se
+    return bool(iv["ci_low"] - tol <= truth <= iv["ci_high"] + tol)
 
 
-def _experiment(args: tuple[int, np.random.SeedSequence, int, int]) -> dict:
-    """One synthetic experiment: its scenario, which intervals covered the truth, the verdict."""
-    _, ss, pairs, resamples = args
-    rng = np.random.default_rng(ss)
-    cfg = synthetic_config(resamples=resamples)
-    sc = _scenario(rng)
-    df = synthetic_records(pairs, p_control=sc["p_control"], p_candidate=sc["p_candidate"], ratio=sc["ratio"],
-                           sigma=sc["sigma"], schema_sd=sc["schema_sd"], success_corr=sc["success_corr"], seed=rng)
-    ev = evaluate(df, cfg, planned=planned_counts(df), seed=int(rng.integers(2**31)))
-    dec = decide(ev, cfg.decision)
-    comp = ev["comparisons"]["candidate"]
-    covers = {}
-    for key, iv, truth in (
-        ("success_diff", comp["success"]["diff"], sc["p_candidate"] - sc["p_control"]),
-        ("latency_p50_ratio", comp["latency"]["ratio_p50"], sc["ratio"]),
-        ("latency_mean_ratio", comp["latency"]["ratio_mean"], sc["ratio"]),
-        ("latency_p95_ratio", comp["latency"]["ratio_p95"], sc["ratio"]),
-    ):
-        covers[key] = _covers(iv, truth)
-    return {"kind": sc["kind"], "truth": sc["truth"], "verdict": dec["verdict"], "covers": covers}
+def _judged(ex: Experiment, cfg: ExperimentConfig, pairs: np.ndarray, seed: int) -> tuple[dict, dict]:
+    df, planned, costs = ex.frame(pairs)
+    ev = evaluate(df, cfg, planned=planned, costs=costs, seed=seed)
+    return ev, decide(ev, cfg.decision)
 
 
-def simulate(n_experiments: int, seed: int = 0, pairs: int = 200, resamples: int = 1000) -> dict:
-    """Coverage of the 95% intervals and decision error rates over synthetic experiments.
-
-    coverage: share of the success-difference and p50-latency-ratio intervals (the two the
-    decision rests on) that contain the true value; the per-interval shares and the mean/p95
-    ratio intervals are reported too. wrong_decisions: share of all experiments decided
-    "switch" when the truth says keep (null, worse, or worse on a guardrail) or "keep" when
-    the truth says switch (clearly faster or clearly more reliable, equal otherwise);
-    "inconclusive" is never wrong, and small-effect experiments are not scored.
-    Each experiment has its own seed (spawned from `seed`), so any one can be re-run alone.
-    """
-    t0 = time.perf_counter()
-    n_exp = int(n_experiments)
-    seqs = np.random.SeedSequence(seed).spawn(n_exp)
-    results = [_experiment((i, seqs[i], int(pairs), int(resamples))) for i in range(n_exp)]
-    cover: dict[str, list[bool]] = {"success_diff": [], "latency_p50_ratio": [], "latency_mean_ratio": [],
-                                    "latency_p95_ratio": []}
-    decisions: dict[str, dict[str, int]] = {}
-    wrong_switch = wrong_keep = scored_keep = scored_switch = 0
-    for r in results:
-        for key, c in r["covers"].items():
-            if c is not None:
-                cover[key].append(c)
-        v = r["verdict"]
-        decisions.setdefault(r["kind"], {}).setdefault(v, 0)
-        decisions[r["kind"]][v] += 1
-        if r["truth"] == "keep":
-            scored_keep += 1
-            wrong_switch += v == "switch"
-        elif r["truth"] == "switch":
-            scored_switch += 1
-            wrong_keep += v == "keep"
-    main = cover["success_diff"] + cover["latency_p50_ratio"]
+def _fixed_entry(ev: dict, dec: dict, truth: T.Truth) -> dict:
+    comp = ev["comparisons"][CANDIDATE]
+    v, se = truth.values, truth.mc_se
     return {
-        "experiments": n_exp,
-        "pairs": int(pairs),
-        "bootstrap_resamples": int(resamples),
-        "coverage_by_interval": {k: (float(np.mean(v)) if v else None) for k, v in cover.items()},
-        "wrong_switch_rate": wrong_switch / scored_keep if scored_keep else None,
-        "missed_switch_rate": wrong_keep / scored_switch if scored_switch else None,
-        "inconclusive_rate": sum(d.get("inconclusive", 0) for d in decisions.values()) / max(1, n_exp),
-        "decisions_by_scenario": {k: decisions[k] for k in sorted(decisions)},
-        "wall_s": round(time.perf_counter() - t0, 2),
-        "coverage": float(np.mean(main)) if main else float("nan"),
-        "wrong_decisions": (wrong_switch + wrong_keep) / max(1, n_exp),
+        "verdict": dec["verdict"],
+        "covers": {k: _covers(get(comp), v[k], se[k]) for k, get in INTERVALS.items() if k in v},
+        "sd": {"success": comp["success"].get("sd_unit"), "latency": comp["latency"].get("sd_log_unit"),
+               "cv": comp["cv_ratio"].get("sd_log_unit")},
     }
+
+
+def run_experiment(job: tuple[int, ScenarioTruth, Settings, np.random.SeedSequence]) -> dict:
+    """Every design on one synthetic experiment; what each decided and which intervals covered."""
+    idx, st, settings, ss = job
+    scn = st.scn
+    rng = np.random.default_rng(ss)
+    cap_seq = seq_cap(scn, settings)
+    ex = Experiment.draw(scn, rng, cap_seq)
+    cfg = config(scn, settings.resamples, settings.look, cap_seq)
+    eval_seed = int(rng.integers(2**31))
+    cache: dict[int, tuple[dict, dict]] = {}  # prefix length -> (evaluation, decision)
+
+    def judged(sel: np.ndarray) -> tuple[dict, dict]:
+        prefix = sel[0] == 0
+        if prefix and sel.size in cache:
+            return cache[sel.size]
+        out = _judged(ex, cfg, sel, eval_seed)
+        if prefix:
+            cache[sel.size] = out
+        return out
+
+    fixed: dict[str, list[dict]] = {}
+    for design, size in zip(("fixed_small", "fixed_mid", "fixed_cap"), _fixed_sizes(scn, settings)):
+        truth = st.at(_layout(scn, size))
+        fixed[design] = []
+        for sel in blocks(scn, size):
+            ev, dec = judged(sel)
+            fixed[design].append({**_fixed_entry(ev, dec, truth), "size": _size_label(scn, size)})
+    looks = list(range(settings.look, cap_seq, settings.look)) + [cap_seq]
+    naive = {"verdict": "inconclusive", "pairs": cap_seq}
+    for end in looks:
+        _, dec = judged(np.arange(end))
+        if dec["verdict"] != "inconclusive":
+            naive = {"verdict": dec["verdict"], "pairs": end}
+            break
+    return {"index": idx, "scenario": scn.name, "fixed": fixed, "naive": naive,
+            "sequential": _sequential(ex, st, cfg, looks)}
+
+
+def _sequential(ex: Experiment, st: ScenarioTruth, cfg: ExperimentConfig, looks: list[int]) -> dict:
+    """The sequential rule over the looks (stopping at the first settled one), and whether each
+    confidence sequence held the truth at every look up to the cap."""
+    scn = st.scn
+    df, _, _ = ex.frame()
+    design = _design(scn, cfg)
+    kept: set[str] = set()
+    stop: dict | None = None
+    held = dict.fromkeys(SEQUENCES, True)
+    for end in looks:
+        j = Q.judge_look(df, CONTROL, [CANDIDATE], cfg.decision, design, scn.world.timeout_s, end, kept)
+        per = j["per_candidate"][CANDIDATE]
+        truth, mc_se = st.sequence(_layout(scn, end))
+        for key, field_name in SEQUENCES.items():
+            iv = per[field_name]
+            lo = -math.inf if iv["ci_low"] is None else iv["ci_low"] - 2 * mc_se[key]
+            hi = math.inf if iv["ci_high"] is None else iv["ci_high"] + 2 * mc_se[key]
+            held[key] = held[key] and lo <= truth[key] <= hi
+        if stop is None and j["verdict"] != "continue":
+            stop = {"verdict": j["verdict"], "pairs": end}
+        kept |= {c for c, p in j["per_candidate"].items() if p["verdict"] == "keep"}
+    return {**(stop or {"verdict": "inconclusive", "pairs": looks[-1]}), "held": held}
+
+
+# -- many experiments ------------------------------------------------------------------------------
+def allocate(scns: list[Scenario], n: int) -> list[Scenario]:
+    """n experiments over the scenarios in proportion to their weights (largest remainder),
+    interleaved so that any prefix of the list is balanced."""
+    w = np.array([s.weight for s in scns], dtype=float)
+    exact = n * w / w.sum()
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts))[: n - counts.sum()]:
+        counts[i] += 1
+    order: list[tuple[float, int]] = []
+    for i, c in enumerate(counts):
+        order += [((k + 0.5) / c, i) for k in range(c)]
+    return [scns[i] for _, i in sorted(order)]
+
+
+def _pool(workers: int) -> Any:
+    if workers <= 1:
+        return _Serial()
+    return mp.get_context("fork").Pool(workers)
+
+
+class _Serial:
+    """The pool interface, in this process (workers=1: tests, profiling)."""
+
+    def map(self, f: Callable, xs: list) -> list:
+        return [f(x) for x in xs]
+
+    def imap_unordered(self, f: Callable, xs: list) -> Iterator:
+        return (f(x) for x in xs)
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def simulate(n_experiments: int = 400, *, seed: int = 0, resamples: int = 1000, workers: int = 2, look: int = 20,
+             pairs: int | None = None, max_pairs: int | None = None, scenarios: tuple[str, ...] | None = None,
+             truth_pairs: int = T.TRUTH_PAIRS, progress: Callable[[int, int], None] | None = None) -> dict:
+    """Run the simulation; the result holds every table of the report and the headline numbers
+    (module docstring). `pairs` (the cap) and `scenarios` narrow it (tests); `max_pairs` gives the
+    sequential rule (and naive peeking) a larger cap than the fixed sizes'. Each experiment has its
+    own seed, spawned from `seed`."""
+    t0 = time.perf_counter()
+    settings = Settings(experiments=int(n_experiments), seed=seed, resamples=resamples, workers=workers, look=look,
+                        seq_cap=max_pairs, truth_pairs=truth_pairs,
+                        scenarios=tuple(scenarios) if scenarios else tuple(s.name for s in SCENARIOS))
+    unknown = set(settings.scenarios) - {s.name for s in SCENARIOS}
+    if unknown:
+        raise KeyError(f"no scenario {sorted(unknown)}; scenarios: {[s.name for s in SCENARIOS]}")
+    if settings.experiments < 1:
+        raise ValueError("--experiments must be at least 1")
+    scns = [s for s in SCENARIOS if s.name in settings.scenarios]
+    if pairs is not None:  # a smaller cap: the same scenarios with fewer schemas
+        from dataclasses import replace
+
+        scns = [replace(s, schemas=max(1, int(pairs) // s.repeats)) for s in scns]
+    rule = DecisionRule()
+    seq = Sequential()
+    with _pool(workers) as pool:
+        st = truths(scns, settings, pool, rule, seq)
+        t_truth = time.perf_counter() - t0
+        plan = allocate([st[s.name].scn for s in scns], settings.experiments)
+        seqs = np.random.SeedSequence(seed).spawn(len(plan))
+        jobs = [(i, st[s.name], settings, seqs[i]) for i, s in enumerate(plan)]
+        results = []
+        for r in pool.imap_unordered(run_experiment, jobs):
+            results.append(r)
+            if progress:
+                progress(len(results), len(jobs))
+    results.sort(key=lambda r: r["index"])
+    out = summarize(results, st, settings, rule, seq)
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["truth_s"] = round(t_truth, 1)
+    return S.jsonable(out)

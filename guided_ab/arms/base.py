@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -48,6 +48,8 @@ class Endpoint(BaseModel):
     started_at: float | None = None  # when this run started it (None: not started by this run)
     pid: int | None = None
     port: int | None = None
+    marker: str | None = None  # local servers: in the server's environment, proves the pid is still ours (arms/identity.py)
+    start_ticks: int | None = None  # local servers: the kernel's start time of the process (clock ticks since boot)
     app_name: str | None = None
     vllm_version: str | None = None
     log_path: str | None = None
@@ -133,8 +135,9 @@ class Target(Protocol):
         ...
 
     def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
-             force: bool = False) -> list[str]:
-        """Stop what crashed runs left behind on this target; one line per thing stopped."""
+             force: bool = False, protect: Collection[str] = ()) -> list[str]:
+        """Stop what crashed runs left behind on this target, never what a run in `protect` (run
+        ids of runs still in progress) holds unless `force`; one line per thing stopped."""
         ...
 
     def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:

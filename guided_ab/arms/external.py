@@ -6,7 +6,7 @@ Nothing is started or stopped: the arm's endpoint is built from its URL and key 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING
 
 from guided_ab.arms.base import Endpoint, Log, StartEstimate, Target
@@ -63,7 +63,7 @@ class ExternalTarget:
         return False  # never ours to stop
 
     def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
-             force: bool = False) -> list[str]:
+             force: bool = False, protect: Collection[str] = ()) -> list[str]:
         return []
 
     def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:

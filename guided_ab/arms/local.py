@@ -20,14 +20,15 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from guided_ab.arms.base import Endpoint, Log, StartEstimate, Target, new_key_file, resolve_key, state_dir
+from guided_ab.arms.identity import MARKER_ENV, new_marker, owns_group, start_ticks
 from guided_ab.arms.local_model import EMBEDDED_MODEL, ensure_embedded_model
 from guided_ab.arms.ready import wait_until_ready
-from guided_ab.arms.vllm_args import SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
+from guided_ab.arms.vllm_args import CLI_PROBE, SERVED_MODEL_NAME, is_server_cmdline, server_args, server_command, server_env
 from guided_ab.config import Arm, ConfigError, ExperimentConfig, TargetKind
 from guided_ab.errors import ServerStartError as ServerStartError  # defined here before guided_ab.errors
 
@@ -73,6 +74,12 @@ def vllm_version(python: str) -> str:
     return proc.stdout.strip()
 
 
+@functools.lru_cache(maxsize=8)
+def vllm_cli(python: str) -> bool:
+    """Does `vllm serve` work with this Python (else the deprecated module entry point is used)?"""
+    return subprocess.run([python, "-c", CLI_PROBE], capture_output=True, timeout=300).returncode == 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,7 +100,8 @@ def _record_path(run_id: str, arm: str) -> Path:
     return _servers_dir() / f"{run_id}--{arm}.json"
 
 
-def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str, cores: str | None = None) -> Endpoint:
+def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str, cores: str | None = None,
+          cli: bool = False) -> Endpoint:
     """Start the arm's server (returns at once; `wait_ready` waits for it).
 
     cores: CPU ids for a CPU build's compute threads (e.g. "1"); default every core.
@@ -101,6 +109,7 @@ def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str, c
     port = free_port()
     key_ref = new_key_file(store.run_id, arm.name)
     env = {**os.environ, **server_env(arm, resolve_key(key_ref) or "")}  # the key file was just written
+    marker = env[MARKER_ENV] = new_marker(store.run_id, arm.name)  # proves the pid is ours before any signal
     # CPU builds only (CUDA builds ignore these): a small KV cache per server, since arms share
     # one machine, and explicit cores. vLLM's own default binds every server to core 0 and
     # reserves the others, so two arms would fight for one core while the other idles.
@@ -109,18 +118,19 @@ def start(arm: Arm, store: RunStore, *, python: str, model: str, version: str, c
     # the server imports guided_ab.in_server.attribution: make this checkout importable without its deps
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     log_path = store.path("logs", f"{arm.name}.log")
-    cmd = [python, "-m", SERVER_MODULE, *server_args(arm, model, host="127.0.0.1", port=port)]
+    cmd = [*server_command(python, cli=cli), *server_args(arm, model, host="127.0.0.1", port=port)]
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    started = time.time()
+    started, ticks = time.time(), start_ticks(proc.pid)  # when it started, by the wall clock and by the kernel
     _record_path(store.run_id, arm.name).write_text(json.dumps({
         "run_id": store.run_id, "arm": arm.name, "pid": proc.pid, "pgid": proc.pid, "port": port,
         "started_at": started, "log": str(log_path), "owner_pid": os.getpid(), "owner_cmd": _cmdline(os.getpid()),
+        "marker": marker, "start_ticks": ticks,
     }))
     return Endpoint(
         run_id=store.run_id, arm=arm.name, target="local", base_url=f"http://127.0.0.1:{port}", model=SERVED_MODEL_NAME,
-        backend=arm.backend, key_ref=key_ref, started_at=started, pid=proc.pid, port=port,
-        vllm_version=version, log_path=str(log_path), cost_per_hour=arm.cost_per_hour,
+        backend=arm.backend, key_ref=key_ref, started_at=started, pid=proc.pid, port=port, marker=marker,
+        start_ticks=ticks, vllm_version=version, log_path=str(log_path), cost_per_hour=arm.cost_per_hour,
     )
 
 
@@ -150,7 +160,7 @@ def wait_ready(ep: Endpoint, deadline_s: float, *, poll_s: float = 1.0) -> float
 def _is_our_server(pid: int) -> bool:
     """Guard against pid reuse: only signal a process whose command line is a vLLM server."""
     try:
-        return SERVER_MODULE.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return is_server_cmdline(Path(f"/proc/{pid}/cmdline").read_bytes())
     except OSError:
         return False
 
@@ -187,8 +197,19 @@ def stop_group(pgid: int, grace_s: float = 8.0) -> bool:
 
 
 def stop(ep: Endpoint) -> bool:
-    """Stop an arm's server and forget its record. Tolerates an already-stopped server."""
-    stopped = stop_group(ep.pid) if ep.pid else False
+    """Stop an arm's server and forget its record. Tolerates an already-stopped server.
+
+    Only a process group that proves to be this server is signalled (arms/identity.py): the pid
+    of an old endpoints.json may name anything now, and then this server is already gone.
+    """
+    stopped = False
+    if ep.pid and owns_group(ep.pid, port=ep.port, marker=ep.marker, recorded_start=ep.started_at, ticks=ep.start_ticks):
+        stopped = stop_group(ep.pid)
+    elif ep.pid:
+        try:  # our own child that exited: reap it so it does not linger as a zombie
+            os.waitpid(ep.pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
     _record_path(ep.run_id, ep.arm).unlink(missing_ok=True)
     return stopped
 
@@ -217,21 +238,26 @@ def leftovers() -> list[dict]:
         except (OSError, ValueError):
             continue
         rec["record"] = str(p)
-        rec["alive"] = _alive(rec["pid"]) and _is_our_server(rec["pid"])
+        # alive = this very server still runs (its group proves it, arms/identity.py), not merely its pid
+        rec["alive"] = owns_group(rec.get("pgid", rec["pid"]), port=rec.get("port"), marker=rec.get("marker"),
+                                  recorded_start=rec.get("started_at"), ticks=rec.get("start_ticks"))
         rec["owner_alive"] = _owner_alive(rec)
         out.append(rec)
     return out
 
 
-def reap(*, run_id: str | None = None, older_than_s: float = 0.0, force: bool = False) -> list[dict]:
+def reap(*, run_id: str | None = None, older_than_s: float = 0.0, force: bool = False,
+         protect: Collection[str] = ()) -> list[dict]:
     """Stop leftover servers: those whose experiment process is gone (crashed, killed), optionally
     only one run's or only those older than a threshold. `force` also stops servers of runs
-    that are still going."""
+    that are still going (by their process, or named in `protect`)."""
     stopped = []
     now = time.time()
     for rec in leftovers():
         if run_id and rec["run_id"] != run_id:
             continue
+        if rec["run_id"] in protect and not force:
+            continue  # a run in progress (e.g. resumed by another process): its teardown stops it
         if now - rec.get("started_at", now) < older_than_s:
             continue
         if rec["owner_alive"] and not force:
@@ -259,7 +285,8 @@ class LocalTarget:
     def start(self, arm: Arm, store: RunStore, *, cores: str | None = None) -> Endpoint:
         python = vllm_python()
         version = vllm_version(python)
-        return start(arm, store, python=python, model=model_path(arm, python), version=version, cores=cores)
+        return start(arm, store, python=python, model=model_path(arm, python), version=version, cores=cores,
+                     cli=vllm_cli(python))
 
     def start_deadline(self, cfg: ExperimentConfig, arm_name: str) -> float:
         return cfg.server_start_timeout_s
@@ -271,10 +298,10 @@ class LocalTarget:
         return stop(ep)
 
     def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
-             force: bool = False) -> list[str]:
+             force: bool = False, protect: Collection[str] = ()) -> list[str]:
         return [
             f"stopped local server pid={rec['pid']} port={rec['port']} run={rec['run_id']} arm={rec['arm']}"
-            for rec in reap(run_id=run_id, older_than_s=older_than_s, force=force)
+            for rec in reap(run_id=run_id, older_than_s=older_than_s, force=force, protect=protect)
         ]
 
     def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:

@@ -4,7 +4,7 @@ The app is modal_apps/vllm_arm.py (image pinned to a vLLM release, HF/vLLM cache
 type and count, the API key from a modal.Secret, the attribution middleware). This module
 deploys it from code, finds its URL, waits through cold starts, stops it, and reaps leftovers.
 
-Every call into Modal goes through `ModalSDK`, a thin layer of five methods; tests replace it
+Every call into Modal goes through `ModalSDK`, a thin layer of eight methods; tests replace it
 with `use_sdk(fake)` and run the rest of this module for real. Nothing here imports `modal`
 at module level: planning and dry runs work without the optional `modal` package.
 
@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,9 @@ APP_PREFIX = "gab-"  # every app this pipeline deploys; the reaper only ever tou
 FUNCTION_NAME = "serve"  # keep in sync with modal_apps.vllm_arm.FUNCTION_NAME
 MAX_APP_NAME = 64  # Modal's limit for object names
 LIVE_STATES = ("deployed", "initializing", "ephemeral", "detached")
+# App tags (modal.App(tags=...)): what the reaper and Modal's billing report by tag read
+PROJECT_TAG, RUN_TAG, ARM_TAG = "guided-ab-project", "guided-ab-run", "guided-ab-arm"
+PROJECT = "guided-ab"
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,12 @@ class ModalSDK:
 
     def __init__(self, environment_name: str | None = None):
         self.environment_name = environment_name or os.environ.get("MODAL_ENVIRONMENT") or None
+
+    def has_credentials(self) -> bool:
+        """Is a Modal token configured here (environment or ~/.modal.toml)? No network."""
+        from modal.config import config
+
+        return bool(config.get("token_id") and config.get("token_secret"))
 
     def deploy_app(self, app: Any, name: str) -> str:
         """Deploy (or redeploy) `app` under `name`; the web URL of its `serve` function."""
@@ -114,6 +123,37 @@ class ModalSDK:
         except NotFoundError:
             return False
         return True
+
+    def app_tags(self, name: str) -> dict[str, str]:
+        """The tags of the deployed app of that name ({} if there is none)."""
+        import modal
+        from modal.exception import NotFoundError
+
+        try:
+            return dict(modal.App.lookup(name, environment_name=self.environment_name).get_tags())
+        except NotFoundError:
+            return {}
+
+    def billing_report(self, start: float, end: float, tag_names: list[str]) -> list[dict[str, Any]]:
+        """Modal's hourly cost report of the environment over [start, end) (unix seconds), one row
+        per object and hour: {"object_id", "description", "hour", "cost", "cost_by_resource", "tags"}.
+        Modal leaves out a partial last hour."""
+        import datetime as dt
+
+        import modal
+
+        env = (
+            modal.Environment.from_name(self.environment_name)
+            if self.environment_name else modal.Environment.from_context()
+        )
+        utc = dt.UTC
+        items = env.billing.report(start=dt.datetime.fromtimestamp(start, utc), end=dt.datetime.fromtimestamp(end, utc),
+                                   resolution="h", tag_names=tag_names)
+        return [{
+            "object_id": i.object_id, "description": i.description, "hour": i.interval_start.timestamp(),
+            "cost": float(i.cost), "cost_by_resource": {k: float(v) for k, v in i.cost_by_resource.items()},
+            "tags": dict(i.tags),
+        } for i in items]
 
     def list_apps(self) -> list[AppSummary]:
         """The live apps of the environment (Modal lists stopped ones for a while too; they are left out)."""
@@ -189,8 +229,19 @@ def app_name(experiment: str, arm: str, run_id: str) -> str:
 
 
 def cost_per_hour(arm: Arm) -> float:
-    """USD per hour while the arm's app is held: the GPU's $/h times the GPU count."""
-    return arm.modal.gpu_cost_per_hour * arm.modal.gpu_count
+    """USD per hour while the arm's app is held (warm from deploy to teardown): GPUs, CPU, memory."""
+    return arm.modal.cost_per_hour
+
+
+def tag_value(text: str) -> str:
+    """`text` as a valid Modal tag value (letters, digits, '-', '.', '_'; at most 63 characters)."""
+    value = re.sub(r"[^A-Za-z0-9._-]", "-", text)
+    return value if len(value) <= 63 else f"{value[:54]}-{_short_hash(text, 8)}"
+
+
+def app_tags(run_id: str, arm: str) -> dict[str, str]:
+    """The tags every app of this pipeline carries (the backend is added by the app itself)."""
+    return {PROJECT_TAG: PROJECT, RUN_TAG: tag_value(run_id), ARM_TAG: tag_value(arm)}
 
 
 def _experiment_name(store: RunStore) -> str:
@@ -235,7 +286,8 @@ def deploy(arm: Arm, store: RunStore) -> Endpoint:
             started = existing.created_at
         else:
             started = time.time()
-            url = layer.deploy_app(build_app(ArmSpec(arm=arm, app_name=name)), name)
+            spec = ArmSpec(arm=arm, app_name=name, tags=app_tags(store.run_id, arm.name))
+            url = layer.deploy_app(build_app(spec), name)
     except (ModalTargetError, ConfigError):
         raise
     except Exception as err:  # the SDK's errors (auth, build, quota) carry their own detail
@@ -280,18 +332,24 @@ def stop(ep: Endpoint) -> bool:
     return sdk().stop_app(ep.app_name)
 
 
-def reap(prefix: str = APP_PREFIX, older_than_s: float = 0.0, *, now: float | None = None) -> list[str]:
+def reap(prefix: str = APP_PREFIX, older_than_s: float = 0.0, *, now: float | None = None,
+         protect: Collection[str] = ()) -> list[str]:
     """Stop live apps whose name starts with `prefix` (always within `gab-`) and that are older
-    than `older_than_s`; the names stopped. For a scheduled clean-up of crashed runs."""
+    than `older_than_s`, except apps of the runs in `protect` (runs still in progress, by their
+    `guided-ab-run` tag); the names stopped. For a scheduled clean-up of crashed runs."""
     if not prefix.startswith(APP_PREFIX):
         raise ConfigError(f"reap prefix {prefix!r} must start with {APP_PREFIX!r}: only this pipeline's apps are reaped")
     now = time.time() if now is None else now
     layer = sdk()
+    protected = {tag_value(r) for r in protect}
     stopped = []
     for app in layer.list_apps():
-        if app.live and app.name.startswith(prefix) and now - app.created_at >= older_than_s:
-            if layer.stop_app(app.name):
-                stopped.append(app.name)
+        if not (app.live and app.name.startswith(prefix) and now - app.created_at >= older_than_s):
+            continue
+        if protected and layer.app_tags(app.name).get(RUN_TAG) in protected:
+            continue  # its run is still going: its own teardown stops it
+        if layer.stop_app(app.name):
+            stopped.append(app.name)
     return stopped
 
 
@@ -321,10 +379,10 @@ class ModalTarget:
         return stop(ep)
 
     def reap(self, *, run_id: str | None = None, older_than_s: float = 0.0, prefix: str | None = None,
-             force: bool = False) -> list[str]:
+             force: bool = False, protect: Collection[str] = ()) -> list[str]:
         if not prefix:  # Modal apps are reaped only when asked for by name prefix (it needs a token)
             return []
-        return [f"stopped Modal app {name}" for name in reap(prefix, older_than_s)]
+        return [f"stopped Modal app {name}" for name in reap(prefix, older_than_s, protect=() if force else protect)]
 
     def estimate(self, arm: Arm, *, experiment: str, run_id: str, startup_s: Mapping[str, float]) -> StartEstimate:
         startup = startup_s.get(self.kind, 0.0)
@@ -338,6 +396,8 @@ class ModalTarget:
         s = arm.modal
         return [
             f"    GPU: {s.gpu} x {s.gpu_count} (tensor parallel {s.gpu_count}), ${s.gpu_cost_per_hour:.2f} per GPU-hour",
+            f"    CPU {s.cpu:g} cores, {s.memory_gib} GiB (${s.cpu * s.cpu_cost_per_core_hour + s.memory_gib * s.memory_cost_per_gib_hour:.2f}/h); "
+            f"held warm from deploy to teardown (min_containers=1)",
             f"    startup timeout {s.startup_timeout_s} s, scale-down {s.scaledown_window_s} s, "
             f"{s.max_concurrent_inputs} concurrent inputs",
         ]

@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 
 from guided_ab.arms.base import Endpoint, resolve_key
-from guided_ab.errors import ArmNotReady, ArmRefused, ServerStartError
+from guided_ab.errors import ArmNotReady, ArmRefused, ServerStartError, UserError
+from guided_ab.redact import redact
 
 
 def log_tail(path: str | None, lines: int = 20) -> str:
@@ -54,6 +55,10 @@ def wait_until_ready(
     not_ready: the ArmNotReady subclass to raise at the deadline (a target's own, e.g. ModalNotReady).
     """
     key = resolve_key(ep.key_ref) if send_key else None
+    try:  # a server's log is server text: shown with the key redacted (a server may log what it was sent)
+        secrets = [key or resolve_key(ep.key_ref)]
+    except UserError:
+        secrets = []
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     t0 = time.monotonic()
     last = "no answer yet"
@@ -62,7 +67,7 @@ def wait_until_ready(
         while True:
             if alive is not None and not alive():
                 raise ServerStartError(
-                    f"{what} exited during start-up; last lines of {ep.log_path}:\n{log_tail(ep.log_path)}"
+                    f"{what} exited during start-up; last lines of {ep.log_path}:\n{redact(log_tail(ep.log_path), secrets)}"
                 )
             left = deadline_s - (time.monotonic() - t0)
             if left <= 0:
@@ -81,5 +86,5 @@ def wait_until_ready(
             time.sleep(max(0.0, min(poll_s, deadline_s - (time.monotonic() - t0))))
     message = f"{what} was not ready within {deadline_s:g} s (last: {last}){hint}"
     if ep.log_path:
-        message += "\n" + log_tail(ep.log_path)
+        message += "\n" + (redact(log_tail(ep.log_path), secrets) or "")
     raise not_ready(message)

@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 
 from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER
+from guided_ab.redact import redact, redact_bytes
 
 _loads = orjson.loads  # ~5x faster than json for the many small SSE events of a stream
 
@@ -274,7 +275,10 @@ async def send_chat(
 ) -> RawResponse:
     """POST one chat completion; the whole exchange (headers and body) must end within timeout_s.
 
-    `http` is a session from new_session.
+    `http` is a session from new_session. Redirects are not followed: an arm's URL names the
+    server that answers, and a 3xx (to another port, say) is recorded as it came (server_error
+    with its Location), never counted as that arm's answer. Whatever the server sent back is
+    kept with the key redacted (guided_ab.redact: a server may echo the Authorization header).
     """
     url = base_url.rstrip("/") + "/v1/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -286,20 +290,24 @@ async def send_chat(
     sent = _Sent()
     try:
         async with asyncio.timeout(timeout_s):
-            async with http.post(url, data=payload, headers=headers, trace_request_ctx=sent) as resp:
+            async with http.post(url, data=payload, headers=headers, trace_request_ctx=sent, allow_redirects=False) as resp:
                 if sent.perf is not None and sent.wall is not None:  # the clocks start when the request went out
                     t0, out.sent_at = sent.perf, sent.wall
                 out.http_status = resp.status
                 out.backend = _header(resp.headers.get(ATTRIBUTION_HEADER))
-                if resp.status != 200:
-                    out.error = _error_message(await resp.read())
+                if 300 <= resp.status < 400:
+                    where = _header(resp.headers.get("Location")) or "nowhere"
+                    out.error = _short(f"HTTP {resp.status} redirect to {where}, not followed: point the arm's url at the server that answers", 300)
+                elif resp.status != 200:
+                    out.error = _error_message(redact_bytes(await resp.read(), [api_key]))
                 elif body.get("stream") and resp.content_type == "text/event-stream":
                     await _read_sse(resp.content, out, t0)
                 else:
-                    _read_body(await resp.read(), out)
+                    _read_body(redact_bytes(await resp.read(), [api_key]), out)
     except TimeoutError:
         out.failure, out.error = "timeout", f"no complete answer within {timeout_s:g} s"
     except (aiohttp.ClientError, OSError) as err:
         out.failure, out.error = "connection_error", f"{type(err).__name__}: {err}"
     out.latency_s = time.perf_counter() - t0
+    out.text, out.error, out.backend = (redact(x, [api_key]) for x in (out.text, out.error, out.backend))
     return out

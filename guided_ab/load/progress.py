@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from typing import Any
 
 OUTCOME_STYLE = {"success": "green", "truncated": "yellow", "schema_violation": "red", "invalid_json": "magenta",
-                 "rejected": "red", "server_error": "bold red", "timeout": "bright_black", "connection_error": "red"}
+                 "rejected": "red", "server_error": "bold red", "timeout": "bright_black", "connection_error": "red",
+                 "validation_timeout": "yellow", "validation_error": "yellow"}
 
 
 def enabled() -> bool:

@@ -9,6 +9,10 @@ Exactly-once bookkeeping, so a phase killed mid-way can be re-run with the same 
 Both files belong to the run store: RunStore.open_journal appends them (one write() per line,
 fsync'd in a thread, see store.PhaseJournal), RunStore.recorded_ids and sent_counts read them.
 
+Validation runs in worker threads, bounded by `wl.validation_timeout_s` (load/classify.py): a slow
+answer to validate never stalls the event loop, which times every other request. What a server
+sent is stored with every key of the run redacted (guided_ab/redact.py).
+
 Load: `wl.concurrency` workers share one pooled HTTP session (guided_ab.load.client.new_session) and
 take requests in planned order; with `arrivals` (seconds from the start, one per pending
 request, e.g. Poisson) a worker also waits for its request's arrival time (open loop, capped at
@@ -24,10 +28,12 @@ from dataclasses import dataclass, field
 
 from guided_ab.arms.base import Endpoint, resolve_key
 from guided_ab.config import Workload
-from guided_ab.load.classify import classify
+from guided_ab.load.classify import classify_async
 from guided_ab.load.client import chat_body, new_session, send_chat
+from guided_ab.load.validate import schema_key
 from guided_ab.plan import Plan, PlannedRequest
 from guided_ab.records import RequestRecord
+from guided_ab.redact import redact
 from guided_ab.store import RunStore
 
 Progress = Callable[[int, int, Counter], None]
@@ -68,6 +74,8 @@ async def run_plan(
     if arrivals is not None and len(arrivals) < len(pending):
         raise ValueError(f"arrivals has {len(arrivals)} times for {len(pending)} pending requests")
     keys = {arm: resolve_key(ep.key_ref) for arm, ep in endpoints.items()}
+    secrets = list(keys.values())
+    schema_keys: dict[str, str] = {}  # schema id -> its validator cache key (computed once)
     queue: asyncio.Queue[tuple[int, PlannedRequest]] = asyncio.Queue()
     for i, r in enumerate(pending):  # workers take requests in planned (interleaved) order
         queue.put_nowait((i, r))
@@ -85,7 +93,12 @@ async def run_plan(
         attempts[req.request_id] += 1
         journal.log_sent(req.request_id)
         raw = await send_chat(http, ep.base_url, body, api_key=keys[req.arm], timeout_s=wl.timeout_s)
-        outcome, error = classify(raw, item.json_schema)
+        raw.text, raw.error, raw.backend = (redact(x, secrets) for x in (raw.text, raw.error, raw.backend))
+        if req.schema_id not in schema_keys:
+            schema_keys[req.schema_id] = schema_key(item.json_schema)
+        outcome, error = await classify_async(raw, item.json_schema, timeout_s=wl.validation_timeout_s,
+                                              key=schema_keys[req.schema_id])
+        error = redact(error, secrets)
         rec = RequestRecord.from_response(
             raw, outcome, error,
             run_id=store.run_id, phase=plan.phase, arm=req.arm, request_id=req.request_id,

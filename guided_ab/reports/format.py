@@ -52,6 +52,13 @@ def interval(d: Mapping[str, Any] | None, fmt: str = "{:.2f}") -> str:
     return est if ci is None else f"{est} {ci}"
 
 
+def hypothesis_line(h: Mapping[str, Any]) -> str:
+    """A pre-registered hypothesis and its outcome, as the decision states it ("the expectation
+    that 'auto' (auto) serves >90% with guidance is false: 13% [5%, 30%] (A/B phase)")."""
+    role = "guardrail" if h.get("role") == "guardrail" else "hypothesis"
+    return f"Pre-registered {role}: {h.get('text') or h.get('statement', '')}"
+
+
 def counts_text(counts: Mapping[str, Any], sep: str = " ") -> str:
     """{"xgrammar": 7, "guidance": 113} -> "guidance 113, xgrammar 7" (sorted by name)."""
     return ", ".join(f"{k}{sep}{v}" for k, v in sorted(counts.items()))

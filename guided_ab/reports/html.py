@@ -23,7 +23,7 @@ from typing import Any
 
 from guided_ab.reports.format import interval_parts, num
 from guided_ab.reports.html_style import CSS
-from guided_ab.reports.model import ReportModel, dig
+from guided_ab.reports.model import ReportModel, dig, explain_rows
 from guided_ab.reports.plots import Rendered, render_all
 
 VERDICT_CLASS = {"switch": "v-switch", "keep": "v-keep", "inconclusive": "v-inconclusive", "invalid": "v-invalid"}
@@ -122,7 +122,9 @@ def _header(m: ReportModel) -> str:
         f"<div><span>workload</span>{_e(wl.suite)}{(' / ' + _e(', '.join(wl.subsets))) if wl.subsets else ''}, "
         f"{wl.size} schemas × {wl.repeats}, {wl.observe_size} observe</div>"
         f"<div><span>records</span>{len(data.all)} ({len(data.ab)} measured A/B)</div></div>"
-        f"<ul class=\"arms-list\">{''.join(arms)}</ul></header>"
+        f"<ul class=\"arms-list\">{''.join(arms)}</ul>"
+        + "".join(f"<p class=\"hypothesis\" data-testid=\"hypothesis\">{_e(h)}</p>" for h in m.summary.hypotheses)
+        + "</header>"
     )
 
 
@@ -191,19 +193,19 @@ def _arm_cards(m: ReportModel) -> str:
 
 
 def _crit_fmt(name: str) -> Callable[[Any], str]:
-    if name.startswith("success"):
+    if name.startswith("success") or name == "explain_truncation_diff":
         return lambda x: num(x, "{:+.1%}")
     if name == "backend_share":
         return lambda x: num(x, "{:.1%}")
-    if name.startswith("cost"):
+    if name == "cost_per_1k_success":
         return lambda x: num(x, "${:,.4f}")
     return lambda x: num(x, "{:.3f}")
 
 
 def _reference(name: str) -> float | None:
-    if name.startswith("success"):
+    if name.startswith("success") or name == "explain_truncation_diff":
         return 0.0
-    if name.startswith(("latency", "variability")):
+    if name.startswith(("latency", "variability", "explain_", "cost_saving")):
         return 1.0
     return None
 
@@ -255,7 +257,14 @@ def _criteria(m: ReportModel) -> str:
         if c.get("pvalue") is not None:
             extra.append(f"p {c['pvalue']:.3g}")
         if c.get("pairs_needed"):
-            extra.append(f"~{c['pairs_needed']} more pairs")
+            extra.append(f"~{c['pairs_needed']} more schemas")
+        if c.get("adjusted_level") is not None and c.get("adjusted_ci_low") is not None:
+            # the Bonferroni interval the rule judges a gain / a broken guardrail on
+            extra.append(f"{c['adjusted_level']:.1%} interval [{f(c['adjusted_ci_low'])}, {f(c.get('adjusted_ci_high'))}]")
+        if c.get("hypothesis"):
+            extra.append(f"hypothesis {c['hypothesis']}")
+        if c.get("note"):
+            extra.append(str(c["note"]))
         row = {
             "criterion": f"<b>{_e(name)}</b> <span class=\"role\">{_e(c.get('role'))}</span>"
                          f"<div class=\"muted small\">{_e(c.get('metric', ''))}</div>",
@@ -274,8 +283,9 @@ def _criteria(m: ReportModel) -> str:
     return (
         "<section id=\"criteria\" data-testid=\"criteria\"><h2>Decision criteria (pre-registered in the config)</h2>"
         "<p class=\"muted\">Guardrails must all be <i>met</i> (the whole interval on the good side of the red dashed "
-        "margin) and one primary criterion must be met for a switch. Grey line: no difference. Dot: estimate, bar: "
-        "95% interval. Informational rows never change the verdict.</p>"
+        "margin) and one primary criterion must be met for a switch. A gain, or a guardrail clearly broken, is judged "
+        "on the Bonferroni interval in the notes; a primary 'not met' rules out the minimal worthwhile gain (futility). "
+        "Grey line: no difference. Dot: estimate, bar: 95% interval. Informational rows never change the verdict.</p>"
         + _table(rows, "criteria-table", "criteria", raw=cols) + "</section>"
     )
 
@@ -311,6 +321,7 @@ def _latency(m: ReportModel, p: Mapping[str, Rendered]) -> str:
             "p95 ratio": _iv(lat.get("ratio_p95"), "{:.3f}"),
             "Wilcoxon p": _e(num(dig(lat, "wilcoxon", "pvalue"), "{:.3g}")),
         })
+    explain = explain_rows(ev)
     raw = frozenset({"arm", "metric", "n", "mean", "p50", "p95", "p99"})
     return (
         _plot(p["plot-latency-cdf"],
@@ -319,6 +330,9 @@ def _latency(m: ReportModel, p: Mapping[str, Rendered]) -> str:
         + "<h3>Per arm</h3>" + _table(rows, "latency-table", raw=raw)
         + "<h3>Paired ratios (same schema on both arms)</h3>"
         + _table(comp_rows, "ratio-table", raw=frozenset(comp_rows[0]) if comp_rows else frozenset())
+        + "<h3>Why: slower computation or longer answers</h3><p class=\"muted\">Timeouts and connection errors count "
+          "as latencies censored at the workload's timeout: quantiles past the censored share are lower bounds, means "
+          "are restricted means.</p>" + _table(explain, "explain-table")
     )
 
 

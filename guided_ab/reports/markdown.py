@@ -9,21 +9,33 @@ files.py writes report.md.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from guided_ab.reports.format import counts_text
-from guided_ab.reports.model import ReportModel
+from guided_ab.reports.model import ReportModel, explain_rows
 from guided_ab.reports.plots import KEY_PLOTS
 
+# what markdown (and the HTML a markdown renderer lets through) would read as markup in a text
+# that came from a server or a run file: backslash-escaped, so it shows as the text it is
+_MD_SPECIAL = re.compile(r"([\\`*\[\]<>~$|])|(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 
-def _md_table(rows: list[dict[str, Any]]) -> str:
+
+def md_text(x: Any) -> str:
+    """Any value as markdown text that renders as itself (one line)."""
+    text = " ".join(str(x).splitlines())
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
+
+
+def _md_table(rows: list[dict[str, Any]], raw: tuple[str, ...] = ()) -> str:
+    """A markdown table; every cell escaped (md_text) but those of the `raw` columns (our own markdown)."""
     if not rows:
         return "_none_\n"
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]).replace("|", "/") for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r[c]) if c in raw else md_text(r[c]) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -33,15 +45,15 @@ def observe_section(evaluation: Mapping[str, Any]) -> str:
     parts = []
     for arm, a in obs.get("arms", {}).items():
         counts = counts_text(a.get("backend_counts", {}), sep=": ")
-        parts.append(f"- **{arm}** (observe phase): {a.get('n')} requests; backends resolved: {counts or 'n/a'}")
+        parts.append(f"- **{md_text(arm)}** (observe phase): {a.get('n')} requests; backends resolved: {md_text(counts or 'n/a')}")
     for arm, sb in evaluation.get("schema_backends", {}).items():
         if sb.get("schemas"):
-            parts.append(f"\nBackend `{arm}` resolved, per schema it was sent (observe and A/B, "
+            parts.append(f"\nBackend {md_text(arm)} resolved, per schema it was sent (observe and A/B, "
                          "from the server's own resolution):\n")
             parts.append(_md_table([{"backend": b, "schemas": len(ids), "which": ", ".join(ids)}
                                     for b, ids in sb.get("by_backend", {}).items()]))
             if sb.get("mixed"):
-                parts.append(f"Resolved to more than one backend: {', '.join(sb['mixed'])}\n")
+                parts.append(f"Resolved to more than one backend: {md_text(', '.join(sb['mixed']))}\n")
     per_schema = obs.get("schema_backends", {})
     if per_schema and not evaluation.get("schema_backends"):
         parts.append("\nBackend resolved per schema (observe phase, from the server's own resolution):\n")
@@ -62,8 +74,10 @@ def render_markdown(m: ReportModel) -> str:
         f"Run `{m.run_id}` — control **{s.control}**, candidates "
         f"{', '.join('**' + c + '**' for c in s.candidates)}; serve **{s.serve}**.",
         "",
+        *[f"_{md_text(h)}_" for h in s.hypotheses],
+        "",
         "## Why",
-        *[f"- {r}" for r in s.reasons],
+        *[f"- {md_text(r)}" for r in s.reasons],
         "",
         "## Criteria (pre-registered in the config)",
         _md_table(s.criteria_rows),
@@ -71,16 +85,21 @@ def render_markdown(m: ReportModel) -> str:
     if decision.get("overridden"):
         lines += [f"_Thresholds changed after the run: {json.dumps(decision['overridden'])}_", ""]
     if s.verdict == "inconclusive":
-        lines += [f"About **{decision.get('pairs_needed')}** more pairs would settle it "
-                  f"(minimum detectable effect now: {json.dumps(decision.get('mde'))}).", ""]
+        unit = decision.get("needed_unit") or "pairs"
+        lines += [f"About **{decision.get('pairs_needed')}** more {unit} would settle it "
+                  f"(minimum detectable effect now: {md_text(json.dumps(decision.get('mde')))}).", ""]
     lines += [
         "## Arms (A/B phase, warm-ups excluded)",
         _md_table(s.arm_rows),
+        "## Latency, explained (slower computation or longer answers)",
+        "Timeouts and connection errors count as latencies censored at the workload's timeout: "
+        "quantiles past the censored share are lower bounds and means are restricted means.\n",
+        _md_table(explain_rows(evaluation)),
         "## What the candidates resolved to",
         observe_section(evaluation),
         "## Validity gates",
         _md_table([{"gate": g["name"], "passed": "yes" if g["passed"] else "**NO**", "detail": g.get("detail", "")}
-                   for g in evaluation.get("gates", [])]),
+                   for g in evaluation.get("gates", [])], raw=("passed",)),
     ]
     return "\n".join(lines)
 

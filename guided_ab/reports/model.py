@@ -29,7 +29,7 @@ import pandas as pd
 from guided_ab.analysis.evaluation import ANSWERED_OUTCOMES
 from guided_ab.config import ExperimentConfig
 from guided_ab.records import RECORD_COLUMNS
-from guided_ab.reports.format import ARM_COLORS, counts_text, interval, num, verdict_text
+from guided_ab.reports.format import ARM_COLORS, counts_text, hypothesis_line, interval, num, verdict_text
 
 REPORT_MODEL_VERSION = 1
 
@@ -68,17 +68,48 @@ def arm_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _judged_on(c: Mapping[str, Any]) -> str:
+    """The Bonferroni interval a gain or a broken guardrail is judged on ("" where none applies)."""
+    if c.get("adjusted_level") is None or c.get("adjusted_ci_low") is None:
+        return ""
+    return f"{c['adjusted_level']:.1%} [{num(c.get('adjusted_ci_low'), '{:.3f}')}, {num(c.get('adjusted_ci_high'), '{:.3f}')}]"
+
+
 def criteria_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row per pre-registered criterion: estimate, interval, margin, verdict."""
+    """One row per pre-registered criterion: estimate, interval, margin, verdict, and the Bonferroni
+    interval over its family (what a gain or a clearly broken guardrail is judged on)."""
     return [
         {
             "criterion": c.get("name"), "candidate": c.get("candidate"),
             "estimate": num(c.get("estimate"), "{:.3f}"),
             "95% CI": f"[{num(c.get('ci_low'), '{:.3f}')}, {num(c.get('ci_high'), '{:.3f}')}]",
             "margin": num(c.get("margin"), "{:.3f}"), "verdict": c.get("verdict"),
+            "Bonferroni interval": _judged_on(c),
         }
         for c in decision.get("criteria", [])
     ]
+
+
+def explain_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per candidate: why its latency differs (TTFT and time-per-output-token p50 ratios,
+    output tokens mean ratio, answers cut at max_tokens, timeouts censored), intervals in brackets."""
+    rows = []
+    for cand, c in (evaluation.get("comparisons") or {}).items():
+        ex = c.get("explain") or {}
+        if not ex:
+            continue
+        tr = ex.get("truncation") or {}
+        cens = ex.get("censored") or {}
+        rows.append({
+            "candidate / control": f"{cand} / {c.get('control')}",
+            "p50 latency ratio": interval(dig(c, "latency", "ratio_p50"), "{:.3f}"),
+            "TTFT p50 ratio": interval(ex.get("ttft_p50_ratio"), "{:.3f}"),
+            "time/token p50 ratio": interval(ex.get("tpot_p50_ratio"), "{:.3f}"),
+            "output tokens ratio": interval(ex.get("tokens_mean_ratio"), "{:.3f}"),
+            "cut at max_tokens": f"{num(tr.get('candidate_share'), '{:.0%}')} vs {num(tr.get('control_share'), '{:.0%}')}",
+            "timeouts (censored)": f"{cens.get('candidate', 0)} vs {cens.get('control', 0)}",
+        })
+    return rows
 
 
 @dataclass(frozen=True)
@@ -105,6 +136,7 @@ class Summary:
     arm_rows: list[dict[str, Any]]
     criteria_rows: list[dict[str, Any]]
     arms: list[ArmGlance]
+    hypotheses: list[str] = field(default_factory=list)  # pre-registered hypotheses and their outcomes
 
     @classmethod
     def from_results(cls, evaluation: Mapping[str, Any], decision: Mapping[str, Any], run_id: str) -> Summary:
@@ -117,6 +149,7 @@ class Summary:
             arm_rows=arm_rows(evaluation), criteria_rows=criteria_rows(decision),
             arms=[ArmGlance(n, dig(a, "success", "rate", "estimate"), dig(a, "latency", "p50", "estimate"))
                   for n, a in evaluation.get("arms", {}).items()],
+            hypotheses=[hypothesis_line(h) for h in decision.get("hypotheses") or [] if isinstance(h, Mapping)],
         )
 
     @classmethod

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 OUTCOME_COLORS = {
     "success": "#16a34a", "truncated": "#f59e0b", "schema_violation": "#dc2626", "invalid_json": "#db2777",
     "rejected": "#7c3aed", "server_error": "#7f1d1d", "timeout": "#64748b", "connection_error": "#92400e",
+    "validation_timeout": "#a3a3a3", "validation_error": "#737373",
 }
 BACKEND_COLORS = {"guidance": "#0d9488", "xgrammar": "#6366f1", "outlines": "#d97706",
                   "lm-format-enforcer": "#be185d", "unknown": "#cbd5e1"}
@@ -41,6 +42,8 @@ RC: dict[str, Any] = {
     "grid.linewidth": 0.6, "axes.edgecolor": "#9ca3af", "axes.labelcolor": "#374151",
     "xtick.color": "#4b5563", "ytick.color": "#4b5563", "legend.frameon": False, "legend.fontsize": 8,
     "font.family": ["DejaVu Sans", "sans-serif"], "axes.axisbelow": True,
+    # labels hold server text (backend names): `$...$` in one must print as itself, not as mathtext
+    "text.parse_math": False,
 }
 
 

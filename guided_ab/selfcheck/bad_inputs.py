@@ -27,18 +27,18 @@ from guided_ab.selfcheck.harness import (
 from guided_ab.store import RunStore
 
 
-def refused(fn: Callable[[], object], *needles: str) -> str:
-    """fn must raise ConfigError whose message names every needle; returns the first line."""
+def refused(fn: Callable[[], object], *needles: str, error: type[Exception] = ConfigError) -> str:
+    """fn must raise ConfigError (or `error`) whose message names every needle; returns the first line."""
     try:
         fn()
-    except ConfigError as err:
+    except error as err:
         msg = str(err)
         missing = [n for n in needles if n not in msg]
         expect(not missing, f"the error does not name {missing}: {msg[:300]}")
         text = " | ".join(x.strip() for x in msg.splitlines() if x.strip())
         return text if len(text) <= 150 else text[:147] + "..."
     except Exception as err:  # noqa: BLE001 - anything but a ConfigError is a failed scenario
-        raise Failed(f"{type(err).__name__} instead of a clear ConfigError: {str(err)[:200]}") from None
+        raise Failed(f"{type(err).__name__} instead of a clear {error.__name__}: {str(err)[:200]}") from None
     raise Failed("accepted")
 
 

@@ -24,6 +24,7 @@ Modes (`MODES`), chosen per server (constructor / `--mode`) or per request: a he
     wrong          valid JSON that is not an instance of an object schema
     reject         HTTP 400 with a grammar error, as vLLM answers a schema it cannot compile
     garbage        bytes that are not HTTP at all
+    ...            and the modes of guided_ab.selfcheck.fault_extra (EXTRA_MODES)
 
 Every /v1/ path needs `Authorization: Bearer <api_key>` when the server has a key (401
 otherwise, without echoing what was sent); /health does not, as in vLLM.
@@ -54,10 +55,11 @@ from collections import Counter
 from http import HTTPStatus
 from typing import Any
 
+from guided_ab.selfcheck.fault_extra import EXTRA_MODES, respond
 from guided_ab.selfcheck.fault_process import FaultProcess, spawn
 from guided_ab.selfcheck.instances import minimal_instance
 
-__all__ = ["ATTRIBUTION_HEADER", "FAULT_HEADER", "MODES", "FaultProcess", "FaultServer", "main", "minimal_instance", "spawn"]
+__all__ = ["ALL_MODES", "ATTRIBUTION_HEADER", "FAULT_HEADER", "MODES", "FaultProcess", "FaultServer", "main", "minimal_instance", "spawn"]
 
 # the same header guided_ab.arms.vllm_args.ATTRIBUTION_HEADER names (not imported: this module must
 # start fast and without the package's dependencies when it runs as a subprocess)
@@ -67,8 +69,9 @@ MODES = (
     "healthy", "storm", "stall", "reset", "malformed_sse", "cut_sse", "non_json", "trickle",
     "truncated", "wrong", "reject", "garbage",
 )
+ALL_MODES = MODES + EXTRA_MODES
 MAX_BODY = 64 * 1024 * 1024
-_SCHEMA_MODE = re.compile(r"fault-([a-z_]+)")
+_SCHEMA_MODE = re.compile(r"fault-([a-z0-9_]+)")
 
 
 # -- the server --------------------------------------------------------------------------------
@@ -105,9 +108,11 @@ class FaultServer:
         trickle_s: float = 0.05,
         pieces: int = 4,
         delay_s: float = 0.0,
+        evil_length: int = 28,
+        redirect_to: str = "",
     ):
-        if mode not in MODES:
-            raise ValueError(f"unknown fault mode {mode!r}; modes are {MODES}")
+        if mode not in ALL_MODES:
+            raise ValueError(f"unknown fault mode {mode!r}; modes are {ALL_MODES}")
         self.mode = mode
         self.api_key = api_key
         self.host = host
@@ -120,6 +125,8 @@ class FaultServer:
         self.trickle_s = trickle_s
         self.pieces = max(1, pieces)
         self.delay_s = delay_s
+        self.evil_length = evil_length
+        self.redirect_to = redirect_to
         self.stats: Counter = Counter()  # "chat", "mode:<m>", "status:<n>", "unauthorized", ...
         self._storm_left = storm_requests
         self._first_request_at: float | None = None
@@ -279,13 +286,13 @@ class FaultServer:
     # -- chat completions -----------------------------------------------------------------------
     def _request_mode(self, headers: dict, req: dict) -> str:
         m = headers.get(FAULT_HEADER)
-        if m in MODES:
+        if m in ALL_MODES:
             return m
         rf = req.get("response_format")
         js = rf.get("json_schema") if isinstance(rf, dict) else None
         name = js.get("name") if isinstance(js, dict) else None
         found = _SCHEMA_MODE.search(name) if isinstance(name, str) else None
-        if found and found.group(1) in MODES:
+        if found and found.group(1) in ALL_MODES:
             return found.group(1)
         return self.mode
 
@@ -342,6 +349,8 @@ class FaultServer:
             content = json.dumps(instance, separators=(",", ":"))
         except (RecursionError, TypeError, ValueError):
             content = "{}"
+        if mode in EXTRA_MODES:
+            return await respond(self, mode, headers, req, content, reader, writer)
         finish = "stop"
         if mode == "truncated":
             content, finish = content[: max(1, len(content) // 2)], "length"
@@ -419,7 +428,7 @@ class FaultServer:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m guided_ab.selfcheck.fault_server", description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", default="healthy", choices=MODES)
+    ap.add_argument("--mode", default="healthy", choices=ALL_MODES)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--key-env", default=None, help="environment variable holding the API key")
@@ -430,13 +439,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trickle-s", type=float, default=0.05)
     ap.add_argument("--pieces", type=int, default=4)
     ap.add_argument("--delay-s", type=float, default=0.0)
+    ap.add_argument("--evil-length", type=int, default=28)
+    ap.add_argument("--redirect-to", default="")
     a = ap.parse_args(argv)
     key = os.environ.get(a.key_env) if a.key_env else None
     if a.key_env and not key:
         ap.error(f"--key-env {a.key_env}: the variable is not set")
     srv = FaultServer(a.mode, api_key=key, host=a.host, port=a.port, backend=a.backend,
                       storm_requests=a.storm_requests, cold_start_s=a.cold_start_s, stall_s=a.stall_s,
-                      trickle_s=a.trickle_s, pieces=a.pieces, delay_s=a.delay_s)
+                      trickle_s=a.trickle_s, pieces=a.pieces, delay_s=a.delay_s, evil_length=a.evil_length,
+                      redirect_to=a.redirect_to)
 
     async def run() -> None:
         await srv.serve()

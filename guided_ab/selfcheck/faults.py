@@ -156,6 +156,8 @@ class _Child:
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
             env["PREFECT_HOME"] = str(sb.scratch / "prefect")
+            # results persisted (base64 pickles) in the sandbox: the leak scan decodes them too
+            env.update(PREFECT_RESULTS_PERSIST_BY_DEFAULT="true", PREFECT_LOCAL_STORAGE_PATH=str(sb.scratch / "prefect-results"))
             env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
             with open(log_path, "ab") as log:
                 self._popen = subprocess.Popen(

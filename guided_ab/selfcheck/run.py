@@ -13,7 +13,8 @@ Every bad input goes through the real entry points (load_config, parse_config, w
 RunStore) and must end in a ConfigError naming the field or file, with nothing written outside
 the store directory and nothing lost from a store that already holds records.
 Last, every file the run wrote (records, parquet contents, plans, reports, server and child
-logs) is searched for the API key.
+logs, and Prefect's database and result storage, decoded: guided_ab/selfcheck/leaks.py) is
+searched for the API key.
 
 The last line is `scenarios=<n> survived=<n> bad_inputs=<n> lost=<n> duplicates=<n> leaked=<n>`;
 the exit status is 0 only when every scenario held and lost = duplicates = leaked = 0.
@@ -29,31 +30,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from guided_ab.selfcheck.bad_inputs import BAD_INPUTS
-from guided_ab.selfcheck.faults import FAULTS, SECURITY, fault_flow_killed, fault_vllm_killed
+from guided_ab.selfcheck.catalog import BAD_INPUTS, FAULTS, SECURITY
+from guided_ab.selfcheck.faults import fault_flow_killed, fault_vllm_killed
 from guided_ab.selfcheck.harness import KEY_ENV, Failed, Result, Sandbox, file_tree
-
-
-# -- leak check ----------------------------------------------------------------------------------
-def leaked_files(root: Path, keys: list[str], exclude: tuple[Path, ...] = ()) -> list[str]:
-    """Files under root holding any key: raw bytes, and the decoded contents of parquet files."""
-    import pandas as pd
-
-    hits = []
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or any(e in p.parents for e in exclude):
-            continue
-        data = p.read_bytes()
-        texts = [data]
-        if p.suffix == ".parquet":
-            try:
-                df = pd.read_parquet(p)
-                texts.append(df.to_csv(index=False).encode())
-            except Exception:  # noqa: BLE001 - an unreadable parquet is searched as bytes only
-                pass
-        if any(k.encode() in t for k in keys for t in texts):
-            hits.append(str(p))
-    return hits
+from guided_ab.selfcheck.leaks import leaked_files
 
 
 # -- the command ---------------------------------------------------------------------------------

@@ -1,0 +1,47 @@
+"""`continue`: give a finished inconclusive run more A/B pairs, then decide again.
+
+A fixed-size A/B becomes look 1 of a sequential one (confidence sequences from then on, valid
+under continuation); a sequential one gets a higher cap. Arms a teardown stopped start again
+(deploy is idempotent), the new looks are sent, the arms are torn down again (also when the
+flow crashes or is cancelled), and the run is evaluated and decided: decision.json records
+`continued: {from_pairs, to_pairs, at}`.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from guided_ab import looks, phases
+from guided_ab.store import RunStore
+from tasks.endpoints import teardown
+from tasks.looks import run_looks
+
+from ._common import DEFAULT_STORE, open_run
+from .decide_teardown import decide_teardown
+from .deploy import deploy
+from .evaluate import evaluate
+
+
+def _teardown_hook(flow, flow_run, state) -> None:
+    """on_crashed / on_cancellation: stop the arms this continuation started, if the process still can."""
+    params = flow_run.parameters or {}
+    if params.get("run_id"):
+        phases.teardown(RunStore.open(params.get("store", DEFAULT_STORE), params["run_id"]), log=print)
+
+
+@flow(name="continue", log_prints=True, on_crashed=[_teardown_hook], on_cancellation=[_teardown_hook])
+def continue_run(run_id: str, max_pairs: int, store: str = DEFAULT_STORE, pairs_per_look: int | None = None,
+                 force: bool = False) -> dict:
+    """Raise the run's cap to `max_pairs` A/B pairs in all, send looks until settled or capped, decide."""
+    rs, cfg = open_run(run_id, store)
+    info = looks.begin_continuation(rs, max_pairs, pairs_per_look, force=force)
+    if not info["settled"]:
+        try:
+            looks.reopen_arms(rs)
+            deploy(run_id, store)
+            run_looks(cfg, rs)
+        finally:
+            teardown(rs)
+    evaluate(run_id, store, decide=False)
+    decision = decide_teardown(run_id, store)
+    return {"run_id": run_id, "decision": decision["verdict"], "store": str(rs.dir), "continued": decision.get("continued")}
