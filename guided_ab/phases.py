@@ -242,9 +242,21 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
     plans = {ph: Plan.model_validate(store.read_json(f"plan-{ph}.json")) for ph in ("observe", "ab") if store.has(f"plan-{ph}.json")}
     evaluation = evaluate(
         store.records(), cfg, planned=plan_arm_counts(plans) if plans else None, costs=costs(store), endpoints=endpoints,
+        schema_pool=_schema_pool(cfg),
     )
     store.write_json("evaluation.json", evaluation)
     return evaluation
+
+
+def _schema_pool(cfg: ExperimentConfig) -> int | None:
+    """How many schemas the workload's suite holds ("more pairs needed" is capped by what is left);
+    None when the suite cannot be read here (e.g. re-evaluating on another machine)."""
+    from guided_ab.workload import suite_pool
+
+    try:
+        return len(suite_pool(cfg.workload))
+    except (OSError, ValueError):
+        return None
 
 
 def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> dict:

@@ -247,7 +247,14 @@ class RunStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise PhaseLocked(self._lock_holder(phase, os.pread(fd, 4096, 0))) from None
+                # the holder writes its name right after it takes the lock: give it a moment
+                data = os.pread(fd, 4096, 0)
+                for _ in range(40):
+                    if data:
+                        break
+                    time.sleep(0.05)
+                    data = os.pread(fd, 4096, 0)
+                raise PhaseLocked(self._lock_holder(phase, data)) from None
             holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
                       "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]}
             os.ftruncate(fd, 0)

@@ -265,8 +265,10 @@ def test_a_slow_regex_is_bounded_off_the_event_loop_and_its_own_class(sandbox, p
     assert run.acc.lost == 0 and run.acc.duplicates == 0 and run.acc.recorded == run.acc.planned
     assert {r.outcome for r in recs if r.arm == "candidate"} == {expected}
     assert {r.outcome for r in recs if r.arm == "control"} == {"success"}
-    assert max(r.latency_s or 0 for r in recs if r.arm == "control") < 1.0  # the loop was never stalled
-    assert took < 15
+    # the loop was never stalled: no control request reached its 3 s timeout (a stalled loop made
+    # a healthy request a `timeout` before); the bounds are loose so a busy CI machine passes
+    assert max(r.latency_s or 0 for r in recs if r.arm == "control") < 2.5
+    assert took < 45  # a stalled loop made this phase take ~100 s
 
 
 # -- 7. a server that echoes the key -------------------------------------------------------------------

@@ -163,7 +163,7 @@ def evaluate(
         "observe": observe,
         "schema_backends": schema_backends,
         "comparisons": comparisons,
-        "multiplicity": {"method": "holm (informational)", "family": family,
+        "multiplicity": {"method": "holm", "informational": True, "family": family,
                          "decision": "Bonferroni intervals over the rule's families (see settings.multiplicity)"},
         "pool": _pool(df, schema_pool),
         "gates": gates,

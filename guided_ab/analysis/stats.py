@@ -127,7 +127,7 @@ def _wilson_bounds(x: float, n: float, alpha: float) -> tuple[float, float]:
     den = 1 + z * z / n
     center = (p + z * z / (2 * n)) / den
     half = z * math.sqrt(max(0.0, p * (1 - p) / n + z * z / (4 * n * n))) / den
-    return center - half, center + half
+    return max(0.0, center - half), min(1.0, center + half)  # rounding can cross 0 or 1 by 1e-18
 
 
 def wilson(successes: int, n: int, alpha: float = 0.05) -> Interval:
