@@ -36,12 +36,12 @@ The headline numbers (the last line of the command), exactly:
   fixed-size run needs for the power the sequential rule reached there (its share of right
   decisions, clamped to [0.05, 0.99]). That fixed size is the normal-approximation sample size
   (stats.n_needed) on the criterion that binds on the way to the right decision, with the
-  per-pair sds the evaluation reports (averaged over the cap-size runs): for a switch, the
-  largest over success and latency non-inferiority, the CV ratio and the easier gain; for a
-  keep by a broken guardrail, the smallest over the broken ones; for a keep by futility, the
-  larger of the two futility bounds. Binding criteria instead of the joint power favour the
-  fixed design, so the saving is if anything understated; scenarios where no fixed size gets
-  there (a truth exactly on a margin) are left out of S and F.
+  per-schema sds the evaluation reports (averaged over the cap-size runs; schemas x repeats =
+  pairs): for a switch, the largest over success and latency non-inferiority, the CV ratio and
+  the easier gain; for a keep by a broken guardrail, the smallest over the broken ones; for a
+  keep by futility, the larger of the two futility bounds. Binding criteria instead of the
+  joint power favour the fixed design, so the saving is if anything understated; scenarios
+  where no fixed size gets there (a truth exactly on a margin) are left out of S and F.
 Above it, the naive-peeking line: its wrong-decision rate per scenario, the highest first.
 """
 

@@ -44,7 +44,7 @@ def _decisions(verdicts: list[str], truth: str) -> dict[str, Any]:
 def _scenario_row(name: str, st: Any, rs: list[dict]) -> dict[str, Any]:
     truth = st.verdict
     row: dict[str, Any] = {"scenario": name, "about": st.scn.about, "truth_verdict": truth, "truth_route": st.route[1],
-                           "true_effect": st.differs, "experiments": len(rs),
+                           "true_effect": st.differs, "repeats": st.scn.repeats, "experiments": len(rs),
                            "truth": st.cap.values, "truth_mc_se": st.cap.mc_se, "designs": {}}
     for d in FIXED:
         row["designs"][d] = _decisions([e["verdict"] for r in rs for e in r["fixed"][d]], truth)
@@ -57,7 +57,9 @@ def _scenario_row(name: str, st: Any, rs: list[dict]) -> dict[str, Any]:
     row["worst_design_wrong"] = max(rates) if rates else None
     row["sequences_held"] = {k: _rate(sum(r["sequential"]["held"][k] for r in rs), len(rs))
                              for k in (rs[0]["sequential"]["held"] if rs else {})}
-    row["coverage"] = {stat: _pool_cells(cells) for stat, cells in _coverage(rs).items()}
+    cells = _coverage(rs)
+    row["coverage"] = {stat: _pool_cells(by_size) for stat, by_size in cells.items()}
+    row["coverage_cells"] = cells
     return row
 
 
@@ -85,7 +87,8 @@ def _coverage(results: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
 
 def _fixed_pairs(row: dict, rs: list[dict], rule: Any, seq: Any, power: float) -> tuple[int | None, str | None]:
     """Pairs a fixed-size run needs for `power` on the criterion that binds on the way to the
-    right decision (simulate's docstring); None when no fixed size gets there (a truth on a bound)."""
+    right decision (simulate's docstring); None when no fixed size gets there (a truth on a bound).
+    The sds are per schema, so the schemas needed times the scenario's repeats are the pairs."""
     t = row["truth"]
     sds: dict[str, float | None] = {}
     for key in ("success", "latency", "cv"):
@@ -94,7 +97,8 @@ def _fixed_pairs(row: dict, rs: list[dict], rule: Any, seq: Any, power: float) -
     alpha = float(rule.alpha)
 
     def need(effect: float, sd: float | None) -> int | None:
-        return S.n_needed(effect, sd, alpha, power) if effect > 1e-9 else None
+        n = S.n_needed(effect, sd, alpha, power) if effect > 1e-9 else None
+        return None if n is None else n * int(row["repeats"])
 
     p50, cvr, succ = t["latency_p50_ratio"], t["cv_ratio"], t["success_diff"]
     lat_bound, cv_bound = math.log(1 + rule.latency_margin), math.log(rule.max_cv_ratio)
