@@ -1,7 +1,7 @@
 """Phase 3: A/B — the same schemas to every arm, in counterbalanced interleaved order.
 
 With `decision.sequential` in the config (or after `guided-ab continue`), the A/B runs look
-after look (`ab-look` tasks) until the confidence sequences settle the verdict or a cap is hit.
+after look (`ab-look` tasks) until the repeated confidence intervals settle the verdict or a cap is hit.
 """
 
 from __future__ import annotations

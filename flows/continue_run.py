@@ -1,7 +1,7 @@
 """`continue`: give a finished inconclusive run more A/B pairs, then decide again.
 
-A fixed-size A/B becomes look 1 of a sequential one (confidence sequences from then on, valid
-under continuation); a sequential one gets a higher cap. Arms a teardown stopped start again
+A fixed-size A/B becomes look 1 of a sequential one (repeated confidence intervals from then on,
+spending the share of alpha kept for continuations); a sequential one gets a higher cap. Arms a teardown stopped start again
 (deploy is idempotent), the new looks are sent, the arms are torn down again (also when the
 flow crashes or is cancelled), and the run is evaluated and decided: decision.json records
 `continued: {from_pairs, to_pairs, at}`.

@@ -371,6 +371,7 @@ def simulate(
               f"{workers} processes, {resamples} bootstrap resamples", highlight=False)
     if json_out:
         json_out.write_text(json.dumps(res, indent=1))
+    print(summary.sequences_line(res))
     print(summary.naive_line(res))
     print(summary.final_line(res), flush=True)
 

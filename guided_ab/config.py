@@ -181,7 +181,7 @@ class Workload(Strict):
 
 class Sequential(Strict):
     """A sequential, budget-capped A/B (analysis/sequential.py): the plan grows one look of
-    `pairs_per_look` pairs at a time, each look is judged on anytime-valid confidence sequences
+    `pairs_per_look` pairs at a time, each look is judged on group-sequential repeated confidence intervals
     over schemas, and the A/B stops as soon as the verdict is settled or a cap is reached."""
 
     pairs_per_look: int = Field(default=16, ge=1, le=100_000, description="pairs added per look (new schemas first)")

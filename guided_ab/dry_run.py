@@ -109,7 +109,9 @@ def plan_experiment(
     phases: list[str] = list(cfg.phases)
     observe_n = wl.observe_size if "observe" in phases else 0
     warmup_n = wl.warmup if "ab" in phases else 0
-    ab_n = wl.size * wl.repeats if "ab" in phases else 0
+    seq = cfg.decision.sequential
+    # a sequential A/B sends looks until it settles: at most max_pairs (the plan shows the most)
+    ab_n = (seq.max_pairs if seq else wl.size * wl.repeats) if "ab" in phases else 0
     n_candidates = len(cfg.candidates)
     observe_s = _phase_s(observe_n * n_candidates, wl.concurrency, latency_s)
     ab_s = _phase_s((warmup_n + ab_n) * len(cfg.arms), wl.concurrency, latency_s)
@@ -153,11 +155,15 @@ def describe_plan(
     p = plan_experiment(
         cfg, run_id=run_id, latency_s=latency_s, modal_startup_s=modal_startup_s, local_startup_s=local_startup_s,
     )
-    wl = cfg.workload
+    wl, seq = cfg.workload, cfg.decision.sequential
+    ab_line = (f"workload: suite '{wl.suite}', sequential A/B: looks of {seq.pairs_per_look} pairs until the verdict settles, "
+               f"up to {seq.max_pairs} pairs" + (f" or ${seq.max_usd:g}" if seq.max_usd else "") + " to every arm"
+               " (counts and costs below are that cap: the most it can send),"
+               if seq else f"workload: suite '{wl.suite}', {wl.size} A/B schemas x {wl.repeats} to every arm,")
     lines = [
         f"Dry run of '{p.experiment}': nothing is deployed, no request is sent.",
         f"phases: {', '.join(p.phases)}",
-        f"workload: suite '{wl.suite}', {wl.size} A/B schemas x {wl.repeats} to every arm,",
+        ab_line,
         f"  {wl.observe_size} observe-only to each candidate, {wl.warmup} warm-up per arm, "
         f"concurrency {wl.concurrency}",
         "",

@@ -1,5 +1,5 @@
 """The sequential A/B, Prefect-free: grow the plan one look at a time, send the look, judge it on
-confidence sequences, stop when settled or capped; and `continue`, which gives a finished
+repeated confidence intervals (analysis/sequential.py), stop when settled or capped; and `continue`, which gives a finished
 inconclusive run (fixed-size or sequential) more pairs.
 
 Separate from phases.py because a sequential A/B is a loop over phases' steps (plan, send,
@@ -32,7 +32,7 @@ from guided_ab.errors import RunStateError
 from guided_ab.load.runner import Progress
 from guided_ab.plan import Look, Plan, extend_plan, first_look, next_look_items
 from guided_ab.store import RunStore
-from guided_ab.workload import WorkItem, more_items, suite_pool
+from guided_ab.workload import WorkItem, more_items
 
 Log = Callable[[str], None]
 STATE = "sequential.json"
@@ -80,11 +80,10 @@ def first_look_plan(cfg: ExperimentConfig, warmups: list[WorkItem], base_dir: Pa
                       stream_share=cfg.workload.stream_share)
 
 
-def _design(cfg: ExperimentConfig, seq: Sequential) -> Q.Design:
-    """The design fixed at the first sequential look; the sequences are narrowest at t_opt =
-    the schemas the cap can buy (pairs beyond the suite's schemas are repeats, not new units)."""
-    pool = len(suite_pool(cfg.workload)) - cfg.workload.observe_size
-    return Q.Design(t_opt=max(8, min(seq.max_pairs, pool)), pairs_per_look=seq.pairs_per_look,
+def _design(cfg: ExperimentConfig, seq: Sequential, planned_pairs: int | None = None) -> Q.Design:
+    """The design fixed at the first sequential look: alpha is spent over `planned_pairs` (the
+    cap; a continued fixed-size run: its own pairs, so continuing spends the reserve)."""
+    return Q.Design(planned_pairs=planned_pairs or seq.max_pairs, pairs_per_look=seq.pairs_per_look,
                     max_pairs=seq.max_pairs, max_usd=seq.max_usd, min_latency_gain=seq.min_latency_gain,
                     min_success_gain=seq.min_success_gain)
 
@@ -282,9 +281,10 @@ def begin_continuation(store: RunStore, max_pairs: int, pairs_per_look: int | No
     if "design" not in st:
         seq = cfg.decision.sequential or Sequential(
             max_pairs=max_pairs, pairs_per_look=min(pairs_per_look or plan.n_pairs, max_pairs))
-        st = {"design": _design(cfg, seq).to_dict(), "source": "continue" if cfg.decision.sequential is None else "config",
+        fixed = cfg.decision.sequential is None
+        st = {"design": _design(cfg, seq, plan.n_pairs if fixed else None).to_dict(), "source": "continue" if fixed else "config",
               "looks": [], "stopped_because": None, "continued": []}
-    design = Q.Design.from_dict(st["design"])  # t_opt stays: the sequences were planned with it
+    design = Q.Design.from_dict(st["design"])  # planned_pairs stays: alpha was spent over it
     design = Q.Design(**{**design.to_dict(), "max_pairs": max_pairs, "pairs_per_look": pairs_per_look or design.pairs_per_look})
     continued = list(st.get("continued", []))
     if resumed is not None:

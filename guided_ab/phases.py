@@ -268,7 +268,7 @@ def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> d
     evaluation = store.read_json("evaluation.json")
     from guided_ab import looks
 
-    if looks.is_sequential(cfg, store):  # the looks replayed on confidence sequences (analysis/sequential.py)
+    if looks.is_sequential(cfg, store):  # the looks replayed on repeated confidence intervals (analysis/sequential.py)
         decision = looks.decide(store, cfg, evaluation)
     else:
         decision = decide(evaluation, cfg.decision)

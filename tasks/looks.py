@@ -1,5 +1,5 @@
 """The task that runs one look of a sequential A/B (`ab-look`): plan it (or resume a look a killed
-process left half-sent), send it, judge it on confidence sequences, and publish a progress
+process left half-sent), send it, judge it on repeated confidence intervals, and publish a progress
 artifact (pairs so far against the cap) and a table artifact (every look so far)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def ab_look(cfg: ExperimentConfig, store: RunStore) -> dict[str, Any]:
     update_progress_artifact(art, done, description=f"look {look.look}: {result['verdict']} at {look.end_pair} pairs"
                              + (f", stopped ({result['stopped_because']})" if result["stop"] else ""))
     create_table_artifact(looks.look_table(store), key=f"{cfg.name}-ab-looks",
-                          description=f"run {store.run_id}: the sequential A/B's looks (confidence sequences over schemas)")
+                          description=f"run {store.run_id}: the sequential A/B's looks (repeated confidence intervals over schemas)")
     return result
 
 

@@ -20,8 +20,8 @@ import pandas as pd
 import pytest
 
 from guided_ab import looks, phases
+from guided_ab.analysis import groupseq as G
 from guided_ab.analysis import sequential as Q
-from guided_ab.analysis.confseq import mean_sequence
 from guided_ab.analysis.simulate import synthetic_records
 from guided_ab.config import ConfigError, DecisionRule, parse_config
 from guided_ab.plan import extend_plan, first_look, next_look_items
@@ -31,7 +31,7 @@ from guided_ab.workload import WorkItem
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "test-key-sequential-0123456789"
-DESIGN = Q.Design(t_opt=200, pairs_per_look=20, max_pairs=400, max_usd=None, min_latency_gain=0.05, min_success_gain=0.02)
+DESIGN = Q.Design(planned_pairs=400, pairs_per_look=20, max_pairs=400, max_usd=None, min_latency_gain=0.05, min_success_gain=0.02)
 
 
 def _looks(n_looks: int, per: int = 20) -> list[tuple[int, int]]:
@@ -76,7 +76,7 @@ def test_the_cap_is_inconclusive_and_says_what_it_bought():
                    stopped_because="cap", spend_usd=1.5)
     assert d["verdict"] == "inconclusive" and d["sequential"]["stopped_because"] == "cap"
     assert any("the cap" in r and "40 pairs" in r and "±" in r for r in d["reasons"]), d["reasons"]
-    assert d["sequential"]["method"].startswith("asymptotic confidence sequence")
+    assert d["sequential"]["method"].startswith("group-sequential repeated confidence intervals")
 
 
 def test_repeats_of_a_schema_count_once():
@@ -91,31 +91,56 @@ def test_repeats_of_a_schema_count_once():
     assert len(once) == len(thrice) == 30  # units are schemas, not pairs
     assert thrice["pairs"].eq(3).all()
     assert np.allclose(once["log_ratio"], thrice["log_ratio"]) and np.allclose(once["success_diff"], thrice["success_diff"])
-    j1 = Q.judge_candidate(once, "candidate", DecisionRule(), DESIGN, 0.025)
-    j3 = Q.judge_candidate(thrice, "candidate", DecisionRule(), DESIGN, 0.025)
+    j1 = Q.judge_candidate(once, "candidate", DecisionRule(), DESIGN, 2.5)
+    j3 = Q.judge_candidate(thrice, "candidate", DecisionRule(), DESIGN, 2.5)
     assert j1["units"] == j3["units"] == 30
     assert j1["latency_ratio"] == pytest.approx(j3["latency_ratio"]) and j1["success_diff"] == pytest.approx(j3["success_diff"])
-    # and the interval is the confidence sequence of the schema means
-    assert j3["latency_ratio"]["ci_high"] == pytest.approx(np.exp(mean_sequence(thrice["log_ratio"].to_numpy(), 0.025, 200)[2]))
+    # and the interval is the repeated confidence interval of the schema means: c x their SE
+    lr = thrice["log_ratio"].to_numpy()
+    assert j3["latency_ratio"]["ci_high"] == pytest.approx(np.exp(lr.mean() + G.half_width(lr.std(ddof=1), 30, 2.5)))
+    assert G.half_width(1.0, 30, 2.5) > 2.5 / np.sqrt(30)  # Student's t at 29 df: wider than the normal
 
 
 def test_agreeing_schemas_never_give_a_zero_width_success_interval():
     d = np.zeros(10)  # every schema: both arms succeeded (or both failed)
-    est, lo, hi = Q.success_sequence(d, 0.025, 52)
-    assert est == 0 and lo < -0.3 and hi > 0.3  # 10 schemas cannot exclude a 5-point difference
-    assert mean_sequence(d, 0.025, 52)[1:] == (0.0, 0.0)  # what the unfloored sequence would claim
-    assert Q.success_sequence(np.zeros(200), 0.025, 52)[2] < 0.02
+    est, lo, hi = Q.success_interval(d, 2.5)
+    assert est == 0 and lo < -0.2 and hi > 0.2  # 10 schemas cannot exclude a 5-point difference
+    assert Q.mean_interval(d, 2.5)[1:] == (0.0, 0.0)  # what the unfloored interval would claim
+    assert Q.success_interval(np.zeros(200), 2.5)[2] < 0.02
 
 
-def test_timeouts_are_censored_at_the_timeout_never_dropped():
+def test_boundaries_match_published_ones_and_spend_alpha_as_designed():
+    from scipy.stats import norm
+
+    # ldbounds (R), two-sided alpha 0.05, O'Brien-Fleming-type spending, 5 equally spaced looks
+    obf = lambda t, a: 4 - 4 * norm.cdf(norm.ppf(1 - a / 4) / np.sqrt(t))  # noqa: E731
+    assert G.critical_values([0.2, 0.4, 0.6, 0.8, 1.0], 0.05, obf) == pytest.approx([4.8769, 3.3569, 2.6803, 2.2898, 2.0310], abs=2e-3)
+    # and the spending function this rule uses, checked by simulating the null: P(ever outside) = alpha spent
+    ts = [k / 10 for k in range(1, 11)] + [1.5, 2.0]
+    c = np.array(G.critical_values(ts, 0.05))
+    rng = np.random.default_rng(0)
+    steps = np.diff([0.0, *ts])
+    b = np.cumsum(rng.standard_normal((200_000, len(ts))) * np.sqrt(steps), axis=1)
+    out = np.abs(b / np.sqrt(ts)) >= c
+    planned = out[:, :10].any(axis=1).mean()
+    assert planned == pytest.approx(G.spent(1.0, 0.05), abs=0.0015)  # 0.045: the reserve is kept
+    assert out.any(axis=1).mean() == pytest.approx(G.spent(2.0, 0.05), abs=0.0015)  # a continuation spends it
+    assert all(x > y for x, y in zip(c[:9], c[1:10]))  # narrower as pairs arrive
+
+
+def test_timeouts_are_censored_at_the_timeout_never_dropped_and_fast_failures_say_nothing_of_speed():
     rows = []
+    cand = {0: (None, "timeout"), 1: (None, "timeout"), 2: (None, "timeout"), 3: (0.01, "rejected"), 4: (0.05, "server_error")}
     for p in range(10):
-        for arm, lat, outcome in (("control", 1.0, "success"), ("cand", None if p < 3 else 1.0, "timeout" if p < 3 else "success")):
+        lat, outcome = cand.get(p, (1.0, "success"))
+        for arm, la, out in (("control", 1.0, "success"), ("cand", lat, outcome)):
             rows.append({"phase": "ab", "warmup": False, "arm": arm, "pair_index": p, "schema_id": f"s{p}", "attempt": 1,
-                         "sent_at": float(p), "latency_s": lat, "outcome": outcome})
-    units = Q.schema_units(pd.DataFrame(rows), "control", "cand", timeout_s=30.0)
+                         "sent_at": float(p), "latency_s": la, "outcome": out})
+    units = Q.schema_units(pd.DataFrame(rows), "control", "cand", timeout_s=30.0).sort_values("schema_id")
     assert len(units) == 10 and units["censored"].sum() == 3
-    assert units.sort_values("schema_id")["log_ratio"].head(3).tolist() == pytest.approx([np.log(30.0)] * 3)
+    assert units["log_ratio"].head(3).tolist() == pytest.approx([np.log(30.0)] * 3)
+    # a 10 ms refusal is not a 100x speed-up: left out of latency, counted as a failure in success
+    assert units["log_ratio"].iloc[3:5].isna().all() and units["success_diff"].iloc[3:5].tolist() == [-1.0, -1.0]
 
 
 # -- the plan, look by look -----------------------------------------------------------------------

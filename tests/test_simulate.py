@@ -65,7 +65,7 @@ def test_truth_is_computed_from_the_generator():
 
 
 def test_identical_arms_with_costs_never_switch():
-    res = simulate(6, workers=1, pairs=60, scenarios=("identical",), truth_pairs=SMALL, resamples=300)
+    res = simulate(6, workers=1, pairs=60, max_pairs=120, scenarios=("identical",), truth_pairs=SMALL, resamples=300)
     row = res["scenarios"][0]
     assert row["truth_verdict"] == "keep"
     for design in ("fixed_small", "fixed_mid", "fixed_cap", "sequential"):
@@ -76,7 +76,7 @@ def test_identical_arms_with_costs_never_switch():
 @pytest.mark.timeout(600)
 def test_small_run_prints_the_headline_last(tmp_path):
     out = tmp_path / "sim.json"
-    r = CliRunner().invoke(app, ["simulate", "--experiments", "24", "--pairs", "60", "--workers", "2",
+    r = CliRunner().invoke(app, ["simulate", "--experiments", "24", "--pairs", "60", "--max-pairs", "120", "--workers", "2",
                                  "--resamples", "300", "--truth-pairs", str(SMALL), "--json", str(out)])
     assert r.exit_code == 0, r.output
     lines = r.output.strip().splitlines()
@@ -84,6 +84,8 @@ def test_small_run_prints_the_headline_last(tmp_path):
     assert lines[-2].startswith("naive_peeking_wrong_decisions=")
     res = json.loads(out.read_text())
     assert res["experiments"] == 24
+    json.dumps(res, allow_nan=False)  # every number is a number (NaN would not be JSON)
+    assert set(res["coverage_by_interval"]) == {"success_diff", "latency_p50_ratio", "latency_mean_ratio", "latency_p95_ratio"}
     assert {s["scenario"] for s in res["scenarios"]} == {s.name for s in SC.SCENARIOS}
     assert all(s["experiments"] >= 1 for s in res["scenarios"])
     for row in res["scenarios"]:  # truths were computed per scenario, with their Monte-Carlo errors

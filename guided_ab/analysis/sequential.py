@@ -1,31 +1,36 @@
-"""Sequential, budget-capped A/B decisions: judged at every look on anytime-valid intervals.
+"""Sequential, budget-capped A/B decisions: judged at every look on repeated confidence intervals.
 
 Why a module of its own: a fixed-size interval looked at after every batch of pairs and acted on
 as soon as it clears a margin is wrong far more often than its level says (measured: wrong
-switches 2.7 % -> 9 % with 6 looks). Here every criterion is a confidence sequence (confseq.py),
-valid at all looks at once, so the A/B may stop at the first look that settles it, or be
-continued with more pairs, without inflating the error rates.
+switches 2.7 % -> 9 % with 6 looks). Here every criterion is a repeated confidence interval of a
+group-sequential design (groupseq.py: alpha spent over the looks, Lan-DeMets), valid at all looks
+at once, so the A/B may stop at the first look that settles it, or be continued with more pairs
+(from a reserve of alpha kept for that), without inflating the error rates.
 
 The units are *schemas*: within a schema the per-pair differences (candidate - control) are
-averaged first, so repeats of one schema count once. Per candidate, two sequences:
+averaged first, so repeats of one schema count once, and the standard error is the schema-level
+(cluster) one. Per candidate, two intervals:
 - success difference: mean over schemas of (candidate success - control success);
 - latency log-ratio: mean over schemas of log(candidate latency / control latency), reported as
   the ratio exp(.) (a geometric-mean ratio). Timeouts and connection errors are right-censored
   at the workload's `timeout_s` (counted as that latency, never dropped: a candidate that times
-  out is slow, not missing), as does a record with no measured latency; other outcomes count with
-  their measured latency, capped at timeout_s too.
-Each sequence is computed at alpha / (2 x candidates) (Bonferroni over the metrics and candidates).
-The success sequence's sd is floored at 1/sqrt(schemas), the sd one disagreeing schema would give:
-when every schema so far agrees, the asymptotic sequence would otherwise shrink to a point (a
+  out is slow, not missing); answered requests count with their latency (capped at timeout_s).
+  Pairs where an arm failed fast (a refusal, a server error: a few milliseconds that say nothing
+  of speed) leave the latency comparison, as in pairs.py; their failure counts in the success one.
+Information time is pairs / the design's planned pairs. Each interval is at alpha / candidates
+(two-sided): a wrong verdict needs one interval to miss the truth on the side the verdict rests on,
+and with two metrics those one-sided misses add up to at most alpha per candidate.
+The success interval's sd is floored at 1/sqrt(schemas), the sd one disagreeing schema would give:
+when every schema so far agrees, the normal interval would otherwise shrink to a point (a
 zero-width interval from 10 schemas), where a binomial bound says a few-point difference is
 still plausible (rule of three: 3/n).
 
 The rule at each look, per candidate (margins from `DecisionRule`, gains from `Sequential`):
-1. "keep" as soon as a guardrail is clearly broken: the success sequence lies entirely below
-   -success_margin, or the latency-ratio sequence entirely above 1 + latency_margin;
+1. "keep" as soon as a guardrail is clearly broken: the success interval lies entirely below
+   -success_margin, or the latency-ratio interval entirely above 1 + latency_margin;
 2. "switch" as soon as every guardrail is met (success low > -success_margin, latency-ratio high
    < 1 + latency_margin) and a primary gain is shown (latency-ratio high < 1, or success low > 0);
-3. "keep" by futility: the sequences exclude the pre-registered minimal worthwhile gain on every
+3. "keep" by futility: the intervals exclude the pre-registered minimal worthwhile gain on every
    primary (latency-ratio low > 1 - min_latency_gain and success high < min_success_gain);
 4. otherwise continue. A candidate kept at a look stays kept. The A/B stops when any candidate
    earns a switch (the fastest of those that do) or every candidate is kept; at the cap
@@ -42,18 +47,20 @@ import numpy as np
 import pandas as pd
 
 from guided_ab.analysis import stats as S
-from guided_ab.analysis.confseq import MIN_UNITS, mean_sequence, radius
+from guided_ab.analysis.groupseq import MIN_UNITS, critical_values, half_width
 from guided_ab.config import DecisionRule
 
-METHOD = "asymptotic confidence sequence, Waudby-Smith et al. 2024; units = schemas"
+METHOD = ("group-sequential repeated confidence intervals (Lan-DeMets alpha spending, Hwang-Shih-DeCani "
+          "gamma -2, 10% of alpha kept for continuations); units = schemas")
 CENSORED = frozenset({"timeout", "connection_error"})
+ANSWERED = frozenset({"success", "truncated", "invalid_json", "schema_violation"})
 
 
 @dataclass(frozen=True)
 class Design:
     """What a sequential A/B fixed before its first sequential look (kept in sequential.json)."""
 
-    t_opt: int  # the units (schemas) at which the sequences are narrowest: the planned size
+    planned_pairs: int  # information fraction 1: the pairs the design spends alpha over (the first cap)
     pairs_per_look: int
     max_pairs: int
     max_usd: float | None
@@ -65,14 +72,32 @@ class Design:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Design:
+        d = {**d, "planned_pairs": d.get("planned_pairs") or d["max_pairs"]}  # runs from before planned_pairs
         return cls(**{k: d[k] for k in cls.__dataclass_fields__})
+
+    def fractions(self, end_pairs: list[int]) -> list[float]:
+        """Information fractions of looks ending at these pairs."""
+        return [e / max(1, self.planned_pairs) for e in end_pairs]
+
+
+def criticals(design: Design, end_pairs: list[int], alpha: float) -> list[float]:
+    """The two-sided critical value of each look (looks ending at `end_pairs`, in order)."""
+    return critical_values(design.fractions(end_pairs), alpha)
+
+
+def alpha_per_interval(rule: DecisionRule, candidates: int) -> float:
+    return float(rule.alpha) / max(1, candidates)
 
 
 # -- units -----------------------------------------------------------------------------------------
 def _latency(df: pd.DataFrame, timeout_s: float) -> np.ndarray:
+    """Latency for the comparison: answered as measured (capped at timeout_s), timeouts and
+    connection errors censored at timeout_s, fast failures NaN (left out)."""
     lat = pd.to_numeric(df["latency_s"], errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    censored = df["outcome"].isin(CENSORED).to_numpy() | ~np.isfinite(lat)
-    return np.clip(np.where(censored, timeout_s, np.minimum(lat, timeout_s)), 1e-6, None)
+    censored = df["outcome"].isin(CENSORED).to_numpy()
+    answered = df["outcome"].isin(ANSWERED).to_numpy()
+    lat = np.where(censored | (answered & ~np.isfinite(lat)), timeout_s, np.minimum(lat, timeout_s))
+    return np.where(censored | answered, np.clip(lat, 1e-6, None), np.nan)
 
 
 def schema_units(records: pd.DataFrame, control: str, candidate: str, timeout_s: float,
@@ -96,7 +121,7 @@ def schema_units(records: pd.DataFrame, control: str, candidate: str, timeout_s:
     m["lr"] = np.log(m["lat_c"] / m["lat_k"])
     m["cens"] = m["cens_k"] + m["cens_c"]
     g = m.groupby("schema_id", sort=True)
-    return pd.DataFrame({"success_diff": g["d"].mean(), "log_ratio": g["lr"].mean(),
+    return pd.DataFrame({"success_diff": g["d"].mean(), "log_ratio": g["lr"].mean(),  # NaN-skipping: fast failures out
                          "pairs": g["d"].size(), "censored": g["cens"].sum()}).reset_index()
 
 
@@ -105,48 +130,48 @@ def _iv(est: float | None, lo: float, hi: float, f=lambda v: v) -> dict[str, flo
     return {"estimate": S.num(None if est is None else f(est)), "ci_low": S.num(f(lo)), "ci_high": S.num(f(hi))}
 
 
-def _units_needed(x: np.ndarray, bound: float, alpha: float, t_opt: int, side: int, floor: bool = False) -> int | None:
-    """Units at which the sequence would clear `bound` on `side` (+1: above, -1: below), if the
-    current mean and sd were the truth (floor: the success sequence's sd floor, 1/sqrt(t)); None
-    when the mean is on the other side or there is no sd yet."""
-    if x.size < 2 or side * (float(x.mean()) - bound) <= 0:
+def _units_needed(x: np.ndarray, bound: float, c: float, side: int, floor: bool = False) -> int | None:
+    """Units at which the interval (critical value c) would clear `bound` on `side` (+1: above,
+    -1: below), if the current mean and sd were the truth (floor: the success interval's sd floor,
+    1/sqrt(t)); None when the mean is on the other side or there is no sd yet."""
+    x = x[np.isfinite(x)]
+    if x.size < 2 or side * (float(x.mean()) - bound) <= 0 or not math.isfinite(c):
         return None
     gap, sd = abs(float(x.mean()) - bound), float(x.std(ddof=1))
-    if not math.isfinite(sd) or (sd == 0 and not floor):
-        return max(MIN_UNITS, int(x.size))
-
-    def r(t: int) -> float:
-        return radius(max(sd, 1 / math.sqrt(t)) if floor else sd, t, alpha, t_opt)
-
-    t = max(MIN_UNITS, int(x.size))
-    while r(t) >= gap:
-        t *= 2
-        if t > 10_000_000:
-            return None
-    lo = max(MIN_UNITS, t // 2)
-    while lo < t:  # the smallest t that clears it (the radius shrinks with t beyond MIN_UNITS)
-        mid = (lo + t) // 2
-        lo, t = (lo, mid) if r(mid) < gap else (mid + 1, t)
-    return t
+    t = (c * sd / gap) ** 2  # c sd / sqrt(t) < gap
+    if floor:
+        t = max(t, c / gap)  # c (1/sqrt(t)) / sqrt(t) < gap
+    return max(MIN_UNITS, int(x.size), math.ceil(t))
 
 
-def success_sequence(d: np.ndarray, alpha: float, t_opt: int) -> tuple[float | None, float, float]:
-    """mean_sequence of the per-schema success differences, with the sd floored at 1/sqrt(t)
+def mean_interval(x: np.ndarray, c: float) -> tuple[float | None, float, float]:
+    """(estimate, low, high) of the repeated confidence interval for the mean of the units `x`."""
+    x = np.asarray(x, dtype=float)
+    x = x[np.isfinite(x)]
+    if x.size == 0:
+        return None, -math.inf, math.inf
+    m = float(x.mean())
+    r = half_width(float(x.std(ddof=1)) if x.size > 1 else math.inf, int(x.size), c)
+    return m, m - r, m + r
+
+
+def success_interval(d: np.ndarray, c: float) -> tuple[float | None, float, float]:
+    """mean_interval of the per-schema success differences, with the sd floored at 1/sqrt(t)
     (module docstring: all-agreeing schemas must not give a zero-width interval)."""
-    est, lo, hi = mean_sequence(d, alpha, t_opt)
+    est, lo, hi = mean_interval(d, c)
     t = int(np.isfinite(d).sum())
     if est is None or t < 2:
         return est, lo, hi
-    r = radius(max(float(np.nanstd(d, ddof=1)), 1 / math.sqrt(t)), t, alpha, t_opt)
+    r = half_width(max(float(np.nanstd(d, ddof=1)), 1 / math.sqrt(t)), t, c)
     return est, est - r, est + r
 
 
 def _settle_units(d: np.ndarray, lr: np.ndarray, succ_bound: float, lat_bound: float, futile_succ: float,
-                  futile_lat: float, alpha: float, t_opt: int) -> int | None:
+                  futile_lat: float, c: float) -> int | None:
     """Units (schemas) at which the rule would settle if the current means and sds were the truth:
     the soonest of its three ways (switch, a broken guardrail, futility); None if none is in sight."""
     def need(x: np.ndarray, bound: float, side: int) -> int | None:
-        return _units_needed(x, bound, alpha, t_opt, side, floor=x is d)
+        return _units_needed(x, bound, c, side, floor=x is d)
 
     def all_of(*ks: int | None) -> int | None:
         return None if any(k is None for k in ks) else max(k for k in ks if k is not None)
@@ -163,11 +188,12 @@ def _settle_units(d: np.ndarray, lr: np.ndarray, succ_bound: float, lat_bound: f
 
 
 def judge_candidate(units: pd.DataFrame, candidate: str, rule: DecisionRule, design: Design,
-                    alpha: float) -> dict[str, Any]:
-    """The sequences of one candidate at one look and the rule's verdict: switch / keep / continue."""
+                    c: float) -> dict[str, Any]:
+    """The intervals of one candidate at one look (critical value c) and the rule's verdict:
+    switch / keep / continue."""
     d, lr = units["success_diff"].to_numpy(float), units["log_ratio"].to_numpy(float)
-    s_est, s_lo, s_hi = success_sequence(d, alpha, design.t_opt)
-    l_est, l_lo, l_hi = mean_sequence(lr, alpha, design.t_opt)
+    s_est, s_lo, s_hi = success_interval(d, c)
+    l_est, l_lo, l_hi = mean_interval(lr, c)
     ratio = (math.exp(l_lo), math.exp(l_hi))
     succ_bound, lat_bound = -float(rule.success_margin), 1 + float(rule.latency_margin)
     futile_lat, futile_succ = 1 - design.min_latency_gain, design.min_success_gain
@@ -189,7 +215,7 @@ def judge_candidate(units: pd.DataFrame, candidate: str, rule: DecisionRule, des
     crit = _criteria(candidate, s_iv, l_iv, guards, faster, better, futile, rule, design)
     needed = None
     if verdict == "continue":
-        settle = _settle_units(d, lr, succ_bound, lat_bound, futile_succ, futile_lat, alpha, design.t_opt)
+        settle = _settle_units(d, lr, succ_bound, lat_bound, futile_succ, futile_lat, c)
         needed = None if settle is None else max(0, settle - int(d.size))
     return {"candidate": candidate, "verdict": verdict, "why": why, "units": int(d.size),
             "pairs": int(units["pairs"].sum()), "censored": int(units["censored"].sum()),
@@ -200,10 +226,10 @@ def judge_candidate(units: pd.DataFrame, candidate: str, rule: DecisionRule, des
 
 def _criteria(cand: str, s_iv: dict, l_iv: dict, guards: dict, faster: bool, better: bool, futile: bool,
               rule: DecisionRule, design: Design) -> list[dict]:
-    """decision.py's criterion rows, with the confidence sequences as their intervals."""
+    """decision.py's criterion rows, with the repeated confidence intervals as their intervals."""
     def row(name: str, role: str, iv: dict, margin: float, verdict: str, metric: str) -> dict:
         return {"name": name, "role": role, "candidate": cand, **iv, "margin": margin, "verdict": verdict,
-                "metric": metric, "interval": "confidence sequence"}
+                "metric": metric, "interval": "repeated confidence interval"}
 
     unclear = lambda ok: "met" if ok else "unclear"  # noqa: E731
     return [
@@ -222,13 +248,15 @@ def _criteria(cand: str, s_iv: dict, l_iv: dict, guards: dict, faster: bool, bet
 
 # -- looks -----------------------------------------------------------------------------------------
 def judge_look(records: pd.DataFrame, control: str, candidates: list[str], rule: DecisionRule, design: Design,
-               timeout_s: float, end_pair: int, kept: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
-    """Every candidate at the look that ends before pair `end_pair`; `kept`: candidates kept at
-    an earlier look (they stay kept). verdict: switch / keep / continue."""
-    alpha = float(rule.alpha) / (2 * max(1, len(candidates)))
+               timeout_s: float, end_pair: int, critical: float,
+               kept: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Every candidate at the look that ends before pair `end_pair`, judged with the look's
+    critical value (`criticals`); `kept`: candidates kept at an earlier look (they stay kept).
+    verdict: switch / keep / continue."""
+    alpha = alpha_per_interval(rule, len(candidates))
     per = {}
     for c in candidates:
-        j = judge_candidate(schema_units(records, control, c, timeout_s, end_pair), c, rule, design, alpha)
+        j = judge_candidate(schema_units(records, control, c, timeout_s, end_pair), c, rule, design, critical)
         if c in kept and j["verdict"] != "keep":
             j = {**j, "verdict": "keep", "why": "kept at an earlier look"}
         per[c] = j
@@ -241,7 +269,9 @@ def judge_look(records: pd.DataFrame, control: str, candidates: list[str], rule:
         verdict = "keep"
     else:
         verdict = "continue"
-    return {"end_pair": end_pair, "alpha_per_sequence": alpha, "verdict": verdict, "candidate": chosen, "per_candidate": per}
+    return {"end_pair": end_pair, "alpha_per_interval": alpha, "critical_value": S.num(critical),
+            "information": end_pair / max(1, design.planned_pairs), "verdict": verdict, "candidate": chosen,
+            "per_candidate": per}
 
 
 def replay(records: pd.DataFrame, control: str, candidates: list[str], rule: DecisionRule, design: Design,
@@ -249,8 +279,9 @@ def replay(records: pd.DataFrame, control: str, candidates: list[str], rule: Dec
     """The looks (look number, end pair) judged in order, up to the first that settles."""
     out: list[dict[str, Any]] = []
     kept: set[str] = set()
-    for look, end_pair in looks:
-        j = judge_look(records, control, candidates, rule, design, timeout_s, end_pair, kept)
+    crit = criticals(design, [e for _, e in looks], alpha_per_interval(rule, len(candidates)))
+    for (look, end_pair), c in zip(looks, crit):
+        j = judge_look(records, control, candidates, rule, design, timeout_s, end_pair, c, kept)
         out.append({"look": look, "pairs": end_pair, **j})
         kept |= {c for c, p in j["per_candidate"].items() if p["verdict"] == "keep"}
         if j["verdict"] != "continue":
@@ -287,7 +318,7 @@ def _candidate_reasons(j: dict, control: str, rule: DecisionRule, design: Design
         return [f"'{c}' is worse than the margin allows on {' and '.join(broken)} {at}: {both} "
                 f"(margins: success {-rule.success_margin:+.1%}, latency ratio {1 + rule.latency_margin:.3f})"]
     if j["why"] == "futility":
-        return [f"futility {at}: the sequences exclude the minimal worthwhile gains (latency ratio low > "
+        return [f"futility {at}: the intervals exclude the minimal worthwhile gains (latency ratio low > "
                 f"{1 - design.min_latency_gain:.3f} and success difference high < {design.min_success_gain:+.1%}): "
                 f"{both}; more pairs cannot make '{c}' worth switching to"]
     if j["why"]:

@@ -10,10 +10,12 @@ repeats), with warm-ups, the candidate's 6 observe requests and both arms' costs
 - fixed-size runs: the disjoint blocks of 30 and of 50 pairs that hold no repeat (6 and 4 of
   them over 200 schemas; the first 30 / 50 pairs of a plan with repeats), and the whole cap;
   each is evaluated and decided (`evaluate` + `decide`) as an experiment of its own;
-- the sequential rule (`sequential.judge_look`) at looks of `look` pairs up to the cap, stopping
-  at the first settled look (inconclusive at the cap), and the same looks' confidence sequences
+- the sequential rule (`sequential.judge_look`) at its planned looks up to its planned cap
+  (`plan_sequential`; the experiment is drawn that long), stopping
+  at the first settled look (inconclusive at the cap), and the same looks' repeated confidence intervals
   judged against the truth at every look;
-- naive peeking: `evaluate` + `decide` at every look, stopping at the first verdict that is not
+- naive peeking: `evaluate` + `decide` every `look` pairs up to the scenario's cap, stopping at
+  the first verdict that is not
   inconclusive: the contrast that shows why the sequential rule exists.
 
 The headline numbers (the last line of the command), exactly:
@@ -32,9 +34,15 @@ The headline numbers (the last line of the command), exactly:
   right decision is derived from the truth (`truth.route`); where it is "either", only
   "invalid" is wrong. The per-design rates are in the table.
 - pairs_saved = 1 - S / F over the scenarios with a true effect (the arms differ, and the truth
-  names a right decision): S sums the sequential rule's mean pairs used, F the pairs a
+  names a right decision) whose sequential design reached the power it was planned for (at
+  least the rule's `power`, 0.8): S sums the sequential rule's mean pairs used, F the pairs a
   fixed-size run needs for the power the sequential rule reached there (its share of right
-  decisions, clamped to [0.05, 0.99]). That fixed size is the normal-approximation sample size
+  decisions, clamped to [0.05, 0.99]). Each scenario's sequential cap is planned as a team
+  would (`plan_sequential`: 90 % power on the binding criterion from a pilot's sds, + 15 % for
+  the looks, at least the scenario's cap, at most 5000 pairs); a design that cannot reach its
+  power (a repeating scenario's 50-schema pool, an effect needing more than 5000 pairs) is
+  listed in the table, "not counted": at a power nobody would plan for, "equal power" compares
+  a cap with a pilot study. That fixed size is the normal-approximation sample size
   (stats.n_needed) on the criterion that binds on the way to the right decision, with the
   per-schema sds the evaluation reports (averaged over the cap-size runs; schemas x repeats =
   pairs): for a switch, the largest over success and latency non-inferiority, the CV ratio and
@@ -51,7 +59,7 @@ import math
 import multiprocessing as mp
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -62,7 +70,7 @@ from guided_ab.analysis import truth as T
 from guided_ab.analysis.decision import decide
 from guided_ab.analysis.evaluation import evaluate
 from guided_ab.analysis.scenarios import CANDIDATE, CONTROL, SCENARIOS, Experiment, Scenario
-from guided_ab.analysis.simulate_summary import summarize
+from guided_ab.analysis.simulate_summary import pairs_for, summarize
 from guided_ab.analysis.synthetic import planned_counts, synthetic_config, synthetic_records
 from guided_ab.config import Arm, DecisionRule, ExperimentConfig, Sequential, Workload
 
@@ -93,7 +101,6 @@ INTERVALS: dict[str, Getter] = {
     "ttft_p50_ratio": _at("explain", "ttft_p50_ratio"),
     "tpot_p50_ratio": _at("explain", "tpot_p50_ratio"),
     "tokens_mean_ratio": _at("explain", "tokens_mean_ratio"),
-    "tokens_p50_ratio": _at("explain", "tokens_p50_ratio"),
     "truncation_diff": _at("explain", "truncation", "diff"),
     "cost_ratio": _at("cost", "ratio"),
 }
@@ -106,15 +113,43 @@ class Settings:
     seed: int = 0
     resamples: int = 1000
     workers: int = 2
-    look: int = 20  # pairs per look (sequential rule and naive peeking)
-    seq_cap: int | None = None  # the sequential rule's (and naive peeking's) cap; None: the scenario's
+    look: int = 20  # pairs per look of naive peeking, and the fewest per look of the sequential rule
+    seq_cap: int | None = None  # the sequential rule's cap for every scenario; None: planned per scenario
+    seq_power: float = 0.9  # the power a scenario's sequential cap is planned for (`plan_sequential`)
+    seq_max: int = 5000  # the largest planned cap (pairs)
+    seq_looks: int = 25  # looks the planned cap is split into (at least `look` pairs each)
     sizes: tuple[int, int] = (30, 50)  # fixed sizes below the cap (the cap is the third)
     truth_pairs: int = T.TRUTH_PAIRS
     scenarios: tuple[str, ...] = field(default_factory=lambda: tuple(s.name for s in SCENARIOS))
 
 
-def seq_cap(scn: Scenario, settings: Settings) -> int:
-    return max(scn.cap, int(settings.seq_cap or 0))
+INFLATION = 1.15  # planned cap / fixed-size pairs: what a group-sequential design adds for its looks (R_max)
+PILOT_SCHEMAS = 3000
+
+
+def plan_sequential(scn: Scenario, values: dict[str, float], route: tuple[str, str], settings: Settings,
+                    rule: DecisionRule, seq: Sequential, rng: np.random.Generator) -> tuple[int, int, int | None]:
+    """(cap, pairs per look, planned fixed-size pairs) of the scenario's sequential design, planned
+    as a team would: a pilot's per-schema sds, the normal-approximation pairs for `seq_power` on the
+    criterion that binds on the way to the right decision (`simulate_summary.pairs_for`), times
+    INFLATION, at least the scenario's own cap, at most `seq_max`. With repeats the schema pool
+    bounds the units: the cap stays the scenario's. `seq_cap` set: that cap for every scenario."""
+    planned = None
+    if settings.seq_cap:
+        cap = int(settings.seq_cap)
+    elif scn.repeats > 1:
+        cap = scn.cap
+    else:
+        pilot = Experiment.draw(replace(scn, schemas=PILOT_SCHEMAS), rng)
+        units = Q.schema_units(pilot.frame()[0], CONTROL, CANDIDATE, scn.world.timeout_s)
+        sds: dict[str, float | None] = {"success": float(np.nanstd(units["success_diff"], ddof=1)),
+               "latency": float(np.nanstd(units["log_ratio"], ddof=1))}
+        planned = pairs_for(values, route, sds, rule, seq, settings.seq_power, Q.alpha_per_interval(rule, 1),
+                            latency_key="seq_latency_ratio")[0]
+        cap = scn.cap if planned is None else max(scn.cap, math.ceil(INFLATION * planned))
+        cap = min(cap, settings.seq_max)
+    look = max(settings.look, cap // settings.seq_looks)
+    return math.ceil(cap / look) * look, look, planned
 
 
 def config(scn: Scenario, resamples: int, look: int, max_pairs: int | None = None) -> ExperimentConfig:
@@ -134,8 +169,7 @@ def config(scn: Scenario, resamples: int, look: int, max_pairs: int | None = Non
 def _design(scn: Scenario, cfg: ExperimentConfig) -> Q.Design:
     seq = cfg.decision.sequential
     assert seq is not None
-    schemas = seq.max_pairs if scn.repeats == 1 else scn.schemas  # the units the cap can buy
-    return Q.Design(t_opt=max(8, min(seq.max_pairs, schemas)), pairs_per_look=seq.pairs_per_look, max_pairs=seq.max_pairs,
+    return Q.Design(planned_pairs=seq.max_pairs, pairs_per_look=seq.pairs_per_look, max_pairs=seq.max_pairs,
                     max_usd=None, min_latency_gain=seq.min_latency_gain, min_success_gain=seq.min_success_gain)
 
 
@@ -173,6 +207,9 @@ class ScenarioTruth:
     parts: T.SequentialParts | None  # with repeats: the sequential truths at any layout
     route: tuple[str, str]  # the right decision and the way to it (truth.route), at the cap
     differs: bool  # the arms truly differ
+    seq_cap: int = 0  # the sequential design's cap and pairs per look (plan_sequential)
+    seq_look: int = 20
+    seq_planned: int | None = None  # the fixed-size pairs its cap was planned from
 
     @property
     def verdict(self) -> str:
@@ -219,7 +256,16 @@ def truths(scns: list[Scenario], settings: Settings, pool: Any, rule: DecisionRu
         fixed = got[s.name]["fixed"]
         cap = fixed[max(1.0, _layout(s, s.cap))]
         out[s.name] = ScenarioTruth(s, fixed, got[s.name]["parts"], T.route(cap, rule, seq), T.differs(cap))
+    plans = pool.map(_plan_job, [(out[s.name], settings, rule, seq, i) for i, s in enumerate(cal)])
+    for s, (cap_pairs, look, planned) in zip(cal, plans):
+        out[s.name] = replace(out[s.name], seq_cap=cap_pairs, seq_look=look, seq_planned=planned)
     return out
+
+
+def _plan_job(job: tuple[ScenarioTruth, Settings, DecisionRule, Sequential, int]) -> tuple[int, int, int | None]:
+    st, settings, rule, seq, i = job
+    rng = np.random.default_rng(np.random.SeedSequence([settings.seed, 7919, i]))
+    return plan_sequential(st.scn, st.cap.values, st.route, settings, rule, seq, rng)
 
 
 def _calibrate(args: tuple[Scenario, int]) -> Scenario:
@@ -258,9 +304,9 @@ def run_experiment(job: tuple[int, ScenarioTruth, Settings, np.random.SeedSequen
     idx, st, settings, ss = job
     scn = st.scn
     rng = np.random.default_rng(ss)
-    cap_seq = seq_cap(scn, settings)
+    cap_seq = st.seq_cap
     ex = Experiment.draw(scn, rng, cap_seq)
-    cfg = config(scn, settings.resamples, settings.look, cap_seq)
+    cfg = config(scn, settings.resamples, st.seq_look, cap_seq)
     eval_seed = int(rng.integers(2**31))
     cache: dict[int, tuple[dict, dict]] = {}  # prefix length -> (evaluation, decision)
 
@@ -280,28 +326,29 @@ def run_experiment(job: tuple[int, ScenarioTruth, Settings, np.random.SeedSequen
         for sel in blocks(scn, size):
             ev, dec = judged(sel)
             fixed[design].append({**_fixed_entry(ev, dec, truth), "size": _size_label(scn, size)})
-    looks = list(range(settings.look, cap_seq, settings.look)) + [cap_seq]
-    naive = {"verdict": "inconclusive", "pairs": cap_seq}
-    for end in looks:
+    naive_looks = list(range(settings.look, scn.cap, settings.look)) + [scn.cap]
+    naive = {"verdict": "inconclusive", "pairs": scn.cap}
+    for end in naive_looks:
         _, dec = judged(np.arange(end))
         if dec["verdict"] != "inconclusive":
             naive = {"verdict": dec["verdict"], "pairs": end}
             break
     return {"index": idx, "scenario": scn.name, "fixed": fixed, "naive": naive,
-            "sequential": _sequential(ex, st, cfg, looks)}
+            "sequential": _sequential(ex, st, cfg, list(range(st.seq_look, cap_seq + 1, st.seq_look)))}
 
 
 def _sequential(ex: Experiment, st: ScenarioTruth, cfg: ExperimentConfig, looks: list[int]) -> dict:
     """The sequential rule over the looks (stopping at the first settled one), and whether each
-    confidence sequence held the truth at every look up to the cap."""
+    repeated confidence interval held the truth at every look up to the cap."""
     scn = st.scn
     df, _, _ = ex.frame()
     design = _design(scn, cfg)
     kept: set[str] = set()
     stop: dict | None = None
     held = dict.fromkeys(SEQUENCES, True)
-    for end in looks:
-        j = Q.judge_look(df, CONTROL, [CANDIDATE], cfg.decision, design, scn.world.timeout_s, end, kept)
+    crit = Q.criticals(design, looks, Q.alpha_per_interval(cfg.decision, 1))
+    for end, c in zip(looks, crit):
+        j = Q.judge_look(df, CONTROL, [CANDIDATE], cfg.decision, design, scn.world.timeout_s, end, c, kept)
         per = j["per_candidate"][CANDIDATE]
         truth, mc_se = st.sequence(_layout(scn, end))
         for key, field_name in SEQUENCES.items():
@@ -370,8 +417,6 @@ def simulate(n_experiments: int = 400, *, seed: int = 0, resamples: int = 1000, 
         raise ValueError("--experiments must be at least 1")
     scns = [s for s in SCENARIOS if s.name in settings.scenarios]
     if pairs is not None:  # a smaller cap: the same scenarios with fewer schemas
-        from dataclasses import replace
-
         scns = [replace(s, schemas=max(1, int(pairs) // s.repeats)) for s in scns]
     rule = DecisionRule()
     seq = Sequential()

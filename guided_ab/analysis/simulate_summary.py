@@ -44,7 +44,8 @@ def _decisions(verdicts: list[str], truth: str) -> dict[str, Any]:
 def _scenario_row(name: str, st: Any, rs: list[dict]) -> dict[str, Any]:
     truth = st.verdict
     row: dict[str, Any] = {"scenario": name, "about": st.scn.about, "truth_verdict": truth, "truth_route": st.route[1],
-                           "true_effect": st.differs, "repeats": st.scn.repeats, "experiments": len(rs),
+                           "true_effect": st.differs, "repeats": st.scn.repeats, "schemas": st.scn.schemas, "experiments": len(rs),
+                           "seq_cap": st.seq_cap, "seq_look": st.seq_look, "seq_planned": st.seq_planned,
                            "truth": st.cap.values, "truth_mc_se": st.cap.mc_se, "designs": {}}
     for d in FIXED:
         row["designs"][d] = _decisions([e["verdict"] for r in rs for e in r["fixed"][d]], truth)
@@ -85,28 +86,25 @@ def _coverage(results: list[dict]) -> dict[str, dict[str, dict[str, Any]]]:
     return out
 
 
-def _fixed_pairs(row: dict, rs: list[dict], rule: Any, seq: Any, power: float) -> tuple[int | None, str | None]:
-    """Pairs a fixed-size run needs for `power` on the criterion that binds on the way to the
-    right decision (simulate's docstring); None when no fixed size gets there (a truth on a bound).
-    The sds are per schema, so the schemas needed times the scenario's repeats are the pairs."""
-    t = row["truth"]
-    sds: dict[str, float | None] = {}
-    for key in ("success", "latency", "cv"):
-        vals = [e["sd"][key] for r in rs for e in r["fixed"]["fixed_cap"] if e["sd"].get(key) is not None]
-        sds[key] = float(np.mean(vals)) if vals else None
-    alpha = float(rule.alpha)
-
+def pairs_for(values: dict[str, float], route: tuple[str, str], sds: dict[str, float | None], rule: Any, seq: Any,
+              power: float, alpha: float, latency_key: str = "latency_p50_ratio") -> tuple[int | None, str | None]:
+    """Schemas a fixed-size run needs for `power` on the criterion that binds on the way to the
+    right decision (simulate's docstring), and that criterion; (None, None) when no fixed size
+    gets there (a truth on a bound). `sds`: per-schema sds of the success difference, the latency
+    log-ratio and the log CV ratio (a criterion without its sd is not part of the rule: the
+    sequential rule has no CV one); `latency_key`: the latency truth the rule judges."""
     def need(effect: float, sd: float | None) -> int | None:
-        n = S.n_needed(effect, sd, alpha, power) if effect > 1e-9 else None
-        return None if n is None else n * int(row["repeats"])
+        return S.n_needed(effect, sd, alpha, power) if effect > 1e-9 else None
 
-    p50, cvr, succ = t["latency_p50_ratio"], t["cv_ratio"], t["success_diff"]
+    p50, cvr, succ = values[latency_key], values["cv_ratio"], values["success_diff"]
     lat_bound, cv_bound = math.log(1 + rule.latency_margin), math.log(rule.max_cv_ratio)
+    has = {k: bool(v) for k, v in sds.items()}
     crit: dict[str, int | None]
-    if row["truth_route"] == "gain":  # every guardrail met and the easier gain shown
+    if route[1] == "gain":  # every guardrail met and the easier gain shown
         crit = {"success non-inferiority": need(succ + rule.success_margin, sds["success"]),
-                "latency non-inferiority": need(lat_bound - math.log(p50), sds["latency"]),
-                "CV ratio": need(cv_bound - math.log(cvr), sds["cv"])}
+                "latency non-inferiority": need(lat_bound - math.log(p50), sds["latency"])}
+        if has.get("cv"):
+            crit["CV ratio"] = need(cv_bound - math.log(cvr), sds.get("cv"))
         gains = {g: n for g, n in (("faster", need(-math.log(p50), sds["latency"])),
                                    ("more successful", need(succ, sds["success"]))) if n is not None}
         if not gains:
@@ -116,22 +114,39 @@ def _fixed_pairs(row: dict, rs: list[dict], rule: Any, seq: Any, power: float) -
         if any(v is None for v in crit.values()):
             return None, None
         binding = max(crit, key=lambda k: crit[k] or 0)
-    elif row["truth_route"] == "guardrail":  # one broken guardrail shown suffices: the easiest
+    elif route[1] == "guardrail":  # one broken guardrail shown suffices: the easiest
         crit = {"success below its margin": need(-rule.success_margin - succ, sds["success"]),
-                "latency above its margin": need(math.log(p50) - lat_bound, sds["latency"]),
-                "CV ratio above its maximum": need(math.log(cvr) - cv_bound, sds["cv"])}
+                "latency above its margin": need(math.log(p50) - lat_bound, sds["latency"])}
+        if has.get("cv"):
+            crit["CV ratio above its maximum"] = need(math.log(cvr) - cv_bound, sds.get("cv"))
         crit = {k: v for k, v in crit.items() if v is not None}
         if not crit:
             return None, None
         binding = min(crit, key=lambda k: crit[k] or 0)
-    else:  # futility: no worthwhile gain on either primary
+    elif route[1] == "futility":  # no worthwhile gain on either primary
         lat_gain, succ_gain = T.min_gains(rule, seq)
         crit = {"latency futility": need(math.log(p50) - math.log(1 - lat_gain), sds["latency"]),
                 "success futility": need(succ_gain - succ, sds["success"])}
         if any(v is None for v in crit.values()):
             return None, None
         binding = max(crit, key=lambda k: crit[k] or 0)
+    else:
+        return None, None
     return crit[binding], binding
+
+
+def _fixed_pairs(row: dict, rs: list[dict], rule: Any, seq: Any, power: float) -> tuple[int | None, str | None]:
+    """Pairs a fixed-size run needs for `power` (pairs_for), with the per-schema sds the
+    evaluation reports (averaged over the cap-size runs): schemas needed x the scenario's repeats.
+    None where the schemas needed exceed a repeating scenario's pool (no fixed size gets there)."""
+    sds: dict[str, float | None] = {}
+    for key in ("success", "latency", "cv"):
+        vals = [e["sd"][key] for r in rs for e in r["fixed"]["fixed_cap"] if e["sd"].get(key) is not None]
+        sds[key] = float(np.mean(vals)) if vals else None
+    n, binding = pairs_for(row["truth"], (row["truth_verdict"], row["truth_route"]), sds, rule, seq, power, float(rule.alpha))
+    if n is None or (int(row["repeats"]) > 1 and n > int(row["schemas"])):
+        return None, binding
+    return n * int(row["repeats"]), binding
 
 
 def _pairs_saved(rows: list[dict], by: dict[str, list[dict]], rule: Any, seq_rule: Any) -> dict[str, Any]:
@@ -143,11 +158,14 @@ def _pairs_saved(rows: list[dict], by: dict[str, list[dict]], rule: Any, seq_rul
         power = min(max(seq["right"] or 0.0, POWER_CLAMP[0]), POWER_CLAMP[1])
         n_fixed, binding = _fixed_pairs(row, by[row["scenario"]], rule, seq_rule, power)
         per.append({"scenario": row["scenario"], "route": f"{row['truth_verdict']} ({row['truth_route']})",
+                    "cap": row["seq_cap"], "look": row["seq_look"], "planned": row["seq_planned"],
                     "sequential_power": seq["right"], "power_used": power,
                     "sequential_mean_pairs": seq["mean_pairs"], "fixed_pairs": n_fixed, "binding": binding,
                     "saved": None if not n_fixed else 1 - seq["mean_pairs"] / n_fixed,
                     "fixed_power": {row["designs"][d]["size"]: row["designs"][d]["right"] for d in FIXED}})
-    ok = [p for p in per if p["fixed_pairs"]]
+    for p in per:  # the designs that reached the power their cap was planned for (docstring)
+        p["counted"] = bool(p["fixed_pairs"]) and (p["sequential_power"] or 0.0) >= float(rule.power)
+    ok = [p for p in per if p["counted"]]
     total = 1 - sum(p["sequential_mean_pairs"] for p in ok) / sum(p["fixed_pairs"] for p in ok) if ok else None
     return {"scenarios": per, "pairs_saved": total}
 
@@ -162,6 +180,8 @@ def summarize(results: list[dict], truths: dict[str, Any], settings: Any, rule: 
     rates = [c["rate"] for cells in cov.values() for c in cells.values() if c["rate"] is not None]
     saved = _pairs_saved(rows, by, rule, seq)
     wrong = [r["wrong"] for r in rows if r["wrong"] is not None]
+    held = {k: _rate(sum(r["sequential"]["held"][k] for r in results), len(results))
+            for k in (results[0]["sequential"]["held"] if results else {})}
     naive = {r["scenario"]: r["designs"]["naive"]["wrong"] for r in rows}
     legacy = {}
     for stat in ("success_diff", "latency_p50_ratio", "latency_mean_ratio", "latency_p95_ratio"):
@@ -173,6 +193,7 @@ def summarize(results: list[dict], truths: dict[str, Any], settings: Any, rule: 
         "scenarios": rows, "coverage_cells": cov, "pairs": saved,
         "coverage_by_interval": legacy,
         "naive_wrong": naive,
+        "sequences_held": held,
         "coverage": min(rates) if rates else float("nan"),
         "wrong_decisions": max(wrong) if wrong else float("nan"),
         "pairs_saved": saved["pairs_saved"] if saved["pairs_saved"] is not None else float("nan"),
@@ -199,9 +220,9 @@ def truth_table(res: dict) -> Table:
 
 def decision_table(res: dict) -> Table:
     t = Table(title="Decisions per scenario: wrong / inconclusive (sequential: + mean pairs); "
-                    "sequences: share of runs whose confidence sequence held the truth at every look")
+                    "RCI: share of runs whose repeated confidence interval held the truth at every look")
     for c in ("scenario", "truth", "n", "fixed small", "fixed mid", "fixed cap", "sequential", "naive peeking",
-              "wrong (mean of 4)", "CS success", "CS latency"):
+              "wrong (mean of 4)", "RCI success", "RCI latency"):
         t.add_column(c)
     for r in res["scenarios"]:
         d = r["designs"]
@@ -236,13 +257,15 @@ def coverage_table(res: dict) -> Table:
 
 def pairs_table(res: dict) -> Table:
     t = Table(title="Pairs: the sequential rule vs a fixed-size run at the same power (scenarios with a true effect)")
-    for c in ("scenario", "right decision", "sequential power", "sequential mean pairs", "fixed pairs at that power", "binding criterion",
+    for c in ("scenario", "right decision", "sequential cap / look", "sequential power", "sequential mean pairs",
+              "fixed pairs at that power", "binding criterion",
               "saved", "fixed-size power (simulated)"):
         t.add_column(c)
     for p in res["pairs"]["scenarios"]:
         fp = ", ".join(f"{k}: {_f(v, 2)}" for k, v in p["fixed_power"].items())
-        t.add_row(p["scenario"], p["route"], _f(p["sequential_power"], 2), _f(p["sequential_mean_pairs"], 1),
-                  str(p["fixed_pairs"] or "–"), p["binding"] or "–", _f(p["saved"]), fp)
+        t.add_row(p["scenario"], p["route"], f"{p['cap']} / {p['look']}", _f(p["sequential_power"], 2), _f(p["sequential_mean_pairs"], 1),
+                  str(p["fixed_pairs"] or "–"), p["binding"] or "–",
+                  _f(p["saved"]) + ("" if p["counted"] else " (not counted)"), fp)
     return t
 
 
@@ -260,6 +283,14 @@ def scenario_coverage_table(res: dict) -> Table:
 
 def tables(res: dict) -> list[Table]:
     return [truth_table(res), decision_table(res), scenario_coverage_table(res), coverage_table(res), pairs_table(res)]
+
+
+def sequences_line(res: dict) -> str:
+    """The repeated confidence intervals' coverage, apart from the fixed-size one: the share of
+    sequential runs (all scenarios) whose interval held the truth at every look up to the cap."""
+    n = res["experiments"]
+    return "sequences_held_at_every_look=" + " ".join(
+        f"{k.removeprefix('seq_')}:{_f(v)}" for k, v in res.get("sequences_held", {}).items()) + f" (n={n}, nominal >= 0.955)"
 
 
 def naive_line(res: dict) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from guided_ab.reports.format import interval_parts, num
 from guided_ab.reports.html_style import CSS
-from guided_ab.reports.model import ReportModel, dig, explain_rows
+from guided_ab.reports.model import ReportModel, dig, explain_rows, interval_label
 from guided_ab.reports.plots import Rendered, render_all
 
 VERDICT_CLASS = {"switch": "v-switch", "keep": "v-keep", "inconclusive": "v-inconclusive", "invalid": "v-invalid"}
@@ -246,6 +246,8 @@ def _interval_svg(c: Mapping[str, Any]) -> str:
 
 def _criteria(m: ReportModel) -> str:
     rows = []
+    label = interval_label(m.decision)
+    sequential = m.decision.get("sequential") is not None
     for c in m.decision.get("criteria", []):
         name = str(c.get("name"))
         f = _crit_fmt(name)
@@ -270,7 +272,7 @@ def _criteria(m: ReportModel) -> str:
                          f"<div class=\"muted small\">{_e(c.get('metric', ''))}</div>",
             "candidate": _e(c.get("candidate")),
             "estimate": _e(f(c.get("estimate"))),
-            "95% interval": _e(f"[{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "n/a"),
+            label: _e(f"[{f(lo)}, {f(hi)}]" if lo is not None and hi is not None else "n/a"),
             "margin": _e(num(c.get("margin"), "±{:.0%}") if name == "latency_equivalence" else f(c.get("margin"))),
             "": _interval_svg(c),
             "verdict": _badge(verdict, CRIT_CLASS.get(verdict, "info")),
@@ -285,7 +287,10 @@ def _criteria(m: ReportModel) -> str:
         "<p class=\"muted\">Guardrails must all be <i>met</i> (the whole interval on the good side of the red dashed "
         "margin) and one primary criterion must be met for a switch. A gain, or a guardrail clearly broken, is judged "
         "on the Bonferroni interval in the notes; a primary 'not met' rules out the minimal worthwhile gain (futility). "
-        "Grey line: no difference. Dot: estimate, bar: 95% interval. Informational rows never change the verdict.</p>"
+        "Grey line: no difference. Dot: estimate, bar: 95% interval. Informational rows never change the verdict."
+        + (" A sequential run: each interval is the last look's repeated confidence interval, valid at every look "
+           "at once (alpha spent over the looks), so it is wider than a fixed-size one on the same pairs." if sequential else "")
+        + "</p>"
         + _table(rows, "criteria-table", "criteria", raw=cols) + "</section>"
     )
 

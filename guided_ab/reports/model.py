@@ -75,14 +75,21 @@ def _judged_on(c: Mapping[str, Any]) -> str:
     return f"{c['adjusted_level']:.1%} [{num(c.get('adjusted_ci_low'), '{:.3f}')}, {num(c.get('adjusted_ci_high'), '{:.3f}')}]"
 
 
+def interval_label(decision: Mapping[str, Any]) -> str:
+    """What the criteria's intervals are: fixed-size 95 % intervals, or a sequential run's repeated
+    confidence intervals (valid at every look at once: wider than a fixed-size interval)."""
+    return "95% repeated CI (every look)" if decision.get("sequential") else "95% CI"
+
+
 def criteria_rows(decision: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row per pre-registered criterion: estimate, interval, margin, verdict, and the Bonferroni
     interval over its family (what a gain or a clearly broken guardrail is judged on)."""
+    label = interval_label(decision)
     return [
         {
             "criterion": c.get("name"), "candidate": c.get("candidate"),
             "estimate": num(c.get("estimate"), "{:.3f}"),
-            "95% CI": f"[{num(c.get('ci_low'), '{:.3f}')}, {num(c.get('ci_high'), '{:.3f}')}]",
+            label: f"[{num(c.get('ci_low'), '{:.3f}')}, {num(c.get('ci_high'), '{:.3f}')}]",
             "margin": num(c.get("margin"), "{:.3f}"), "verdict": c.get("verdict"),
             "Bonferroni interval": _judged_on(c),
         }
