@@ -152,7 +152,9 @@ class Arm(Strict):
 class Workload(Strict):
     """What is sent: which schemas, how many, in which order, with which sampling settings."""
 
-    suite: str = Field(default="functions", description="'functions' (built in) or a JSONSchemaBench-style directory")
+    suite: str = Field(default="functions", description="'functions' (built in), a JSONSchemaBench-style directory, or a .jsonl of requests to replay (OpenAI Batch API input format)")
+    mode: Literal["schema", "tools"] = Field(default="schema", description="how a suite's schemas are sent: response_format json_schema, or as the parameters of one required function (tools + tool_choice); a .jsonl replay sends each line's own body")
+    preflight: Literal["keep", "drop"] = Field(default="keep", description="requests whose prompt + max_tokens cannot fit the served context (counted with the server's /tokenize before the A/B): keep (send and classify as context_overflow) or drop (replace with other requests from the pool, recorded)")
     subsets: list[str] = Field(default_factory=list, description="sub-directories of a bench directory")
     size: int = Field(default=32, ge=1, le=100_000, description="schemas in the A/B phase (each goes to every arm)")
     repeats: int = Field(default=1, ge=1, le=100, description="times each A/B schema is sent to each arm")
@@ -206,6 +208,7 @@ class DecisionRule(Strict):
     expected_backend: str = Field(default="guidance", description="backend the candidate is expected to pick mostly")
     max_cv_ratio: float = Field(default=1.5, gt=0, description="candidate latency CV may be at most this x control's")
     max_error_share: float = Field(default=0.5, ge=0, le=1, description="above this server_error+timeout+connection_error share the run is invalid")
+    max_workload_problem_share: float = Field(default=0.2, ge=0, le=1, description="above this share of A/B pairs refused for the workload's own sake (context_overflow, invalid_request) the run is invalid")
     equivalence_margin: float | None = Field(default=None, gt=0, le=10, description="TOST margin on the latency ratio (default: latency_margin)")
     alpha: float = Field(default=0.05, gt=0, lt=0.5)
     power: float = Field(default=0.8, gt=0, lt=1)
@@ -218,6 +221,61 @@ class DecisionRule(Strict):
     sequential: Sequential | None = Field(default=None, description="a sequential, capped A/B instead of a fixed-size one")
     require_approval: bool = Field(default=False, description="a 'switch' waits for a human sign-off in the Prefect UI before it is published")
     approval_timeout_s: int = Field(default=24 * 3600, ge=60, le=30 * 24 * 3600, description="no answer by then: recorded as not approved ('keep')")
+
+
+class Production(Strict):
+    """Phase 3, pre-registered (guided_ab/promote.py, guided_ab/monitor.py): where the winner is
+    promoted, the live control it is watched against, and the monitoring window. The margins are
+    the decision rule's (`decision.success_margin`, `decision.latency_margin`)."""
+
+    target: Literal["modal", "external"] = Field(default="modal", description="modal: promote deploys the serving app; external: the operator changes the server, guided-ab records and monitors it")
+    app_name: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="modal: the team's production serving app (not gab-*: the reaper stops those)")
+    control_app_name: str | None = Field(default=None, pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", description="modal: the app serving the old configuration as the live control (default: <app_name>-control)")
+    url: str | None = Field(default=None, description="external: the production endpoint's base URL")
+    api_key_env: str | None = Field(default=None, description="external: env var holding the production endpoint's key")
+    control_url: str | None = Field(default=None, description="external: an endpoint serving the old configuration (the live control)")
+    control_api_key_env: str | None = Field(default=None, description="external: env var holding the control endpoint's key")
+    window_days: float = Field(default=7.0, gt=0, le=90, description="length of the monitoring window")
+    cadence_hours: float = Field(default=24.0, gt=0, le=24 * 30, description="time between monitoring runs")
+    pairs_per_run: int = Field(default=20, ge=2, le=10_000, description="paired requests (production + control) per monitoring run")
+    planned_pairs: int | None = Field(default=None, ge=2, le=1_000_000, description="pairs the window spends alpha over (default: pairs_per_run x runs in the window)")
+    if_unclear: Literal["keep", "revert"] = Field(default="keep", description="the window's end with no guardrail settled either way: keep the new configuration (the A/B showed it) or revert")
+
+    @field_validator("url", "control_url")
+    @classmethod
+    def _prod_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                TypeAdapter(HttpUrl).validate_python(v)
+            except ValidationError:
+                raise ValueError(f"{v[:200]!r} is not an http(s) URL with a host, e.g. https://prod.example.com") from None
+        return v
+
+    @model_validator(mode="after")
+    def _where(self) -> Production:
+        if self.target == "modal":
+            if not self.app_name:
+                raise ValueError("target 'modal' needs 'app_name' (the production serving app promote deploys)")
+            for f in ("app_name", "control_app_name"):
+                v = getattr(self, f)
+                if v and v.startswith("gab-"):
+                    raise ValueError(f"{f} {v!r} starts with 'gab-': the reaper stops such apps after an hour; pick another name")
+        elif not (self.url and self.control_url):
+            raise ValueError("target 'external' needs 'url' (production) and 'control_url' (an endpoint serving the old configuration)")
+        return self
+
+    @property
+    def control_app(self) -> str:
+        return self.control_app_name or f"{self.app_name}-control"
+
+    @property
+    def planned_runs(self) -> int:
+        """Monitoring runs in the window (window / cadence, at least 1)."""
+        return max(1, round(self.window_days * 24 / self.cadence_hours))
+
+    @property
+    def window_pairs(self) -> int:
+        return self.planned_pairs or self.pairs_per_run * self.planned_runs
 
 
 class _Overrides(Strict):
@@ -263,6 +321,7 @@ class ExperimentConfig(Strict):
     decision: DecisionRule = Field(default_factory=lambda: DecisionRule())
     store: str = Field(default="runs", description="run store root: a directory (relative to the working directory)")
     server_start_timeout_s: float = Field(default=600.0, gt=0)
+    production: Production | None = Field(default=None, description="phase 3: promote the winner, monitor it against a live control, keep or revert")
 
     @model_validator(mode="after")
     def _roles(self) -> ExperimentConfig:

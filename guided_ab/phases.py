@@ -165,6 +165,8 @@ def run_requests(
     Setting `stop` (from another thread) cancels the requests in flight at once: they were
     sent but are not recorded, so a re-run of the phase sends them again (as attempt 2).
     """
+    if phase == "ab":
+        preflight(cfg, store)
     plan = build_plans(cfg, store)[phase]
     endpoints = load_endpoints(store)
     missing = sorted(set(plan.arms) - set(endpoints))
@@ -196,6 +198,66 @@ def run_requests(
         finally:
             store.finalize_records(phase)  # whatever was recorded is kept, also on failure
     return result
+
+
+# -- pre-flight --------------------------------------------------------------------------------
+def preflight(cfg: ExperimentConfig, store: RunStore, log: Log = print) -> dict:
+    """Before the A/B: count every planned A/B prompt with the served model's tokenizer
+    (load/preflight.py) and say how many cannot fit `max_model_len - max_tokens`; with
+    `workload.preflight: drop` (a fixed-size A/B not yet begun) those are replaced by other
+    requests of the pool that fit, and the A/B plan is re-made (recorded in preflight.json).
+    Once per run: preflight.json is read back on a resume."""
+    from guided_ab.arms.base import resolve_key
+    from guided_ab.load.preflight import count_prompts, summary
+
+    if store.has("preflight.json"):
+        return store.read_json("preflight.json")
+    plans = build_plans(cfg, store)
+    plan = plans["ab"]
+    endpoints = load_endpoints(store, missing_ok=True)
+    ep = endpoints.get(plan.arms[0]) if plan.arms else None
+    if ep is None or ep.target == "external":
+        result: dict = {"counted": 0, "skipped": "external endpoint (may not serve /tokenize)" if ep else "no endpoint"}
+        store.write_json("preflight.json", result)
+        return result
+    wl = cfg.workload
+    ab_ids = list(dict.fromkeys(r.schema_id for r in plan.requests if not r.warmup))
+    result = count_prompts([plan.items[sid] for sid in ab_ids], ep.base_url, ep.model, wl,
+                           api_key=resolve_key(ep.key_ref), timeout_s=min(10.0, wl.timeout_s))
+    result["policy"] = wl.preflight
+    too_long = {t["schema_id"] for t in result["too_long"]}
+    if too_long and wl.preflight == "drop":
+        if cfg.decision.sequential is not None or store.recorded_ids("ab"):
+            result["drop_skipped"] = "a sequential A/B, or one already begun: kept (sent and classified)"
+        else:
+            plans["ab"], result["dropped"], result["replaced_by"] = _replace_too_long(cfg, store, plans, too_long, ep)
+            store.write_json("plan-ab.json", plans["ab"].model_dump())
+    store.write_json("preflight.json", result)
+    log(summary(result))
+    return result
+
+
+def _replace_too_long(cfg: ExperimentConfig, store: RunStore, plans: dict[str, Plan], too_long: set[str],
+                      ep: Endpoint) -> tuple[Plan, list[str], list[str]]:
+    """The A/B plan re-made with the requests that cannot fit replaced by others of the pool that do."""
+    from guided_ab.arms.base import resolve_key
+    from guided_ab.load.preflight import count_prompts
+    from guided_ab.workload import more_items
+
+    wl = cfg.workload
+    plan = plans["ab"]
+    used = set(plan.items) | set(plans["observe"].items)
+    kept = [plan.items[sid] for sid in dict.fromkeys(r.schema_id for r in plan.requests if not r.warmup)
+            if sid not in too_long]
+    candidates = more_items(wl, used, 4 * len(too_long))
+    counted = count_prompts(candidates, ep.base_url, ep.model, wl, api_key=resolve_key(ep.key_ref),
+                            timeout_s=min(10.0, wl.timeout_s))
+    unfit = {t["schema_id"] for t in counted["too_long"]}
+    fits = [it for it in candidates if it.schema_id in counted["tokens"] and it.schema_id not in unfit][: len(too_long)]
+    warm = [plan.items[r.schema_id] for r in plan.requests if r.warmup and r.arm == plan.arms[0]]
+    new = make_plan("ab", plan.arms, kept + fits, seed=wl.seed, warmup_items=warm, stream_share=wl.stream_share,
+                    repeats=wl.repeats)
+    return new, sorted(too_long), [it.schema_id for it in fits]
 
 
 # -- teardown ----------------------------------------------------------------------------------
@@ -244,6 +306,8 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
         store.records(), cfg, planned=plan_arm_counts(plans) if plans else None, costs=costs(store), endpoints=endpoints,
         schema_pool=_schema_pool(cfg),
     )
+    if store.has("preflight.json"):  # the pre-flight token count, for the report's workload-problems section
+        evaluation["preflight"] = {k: v for k, v in store.read_json("preflight.json").items() if k != "tokens"}
     store.write_json("evaluation.json", evaluation)
     return evaluation
 
@@ -276,6 +340,11 @@ def decide_run(store: RunStore, overrides: DecisionOverrides | None = None) -> d
     # the config snapshot stays the pre-registration; changed thresholds are recorded as such
     decision["overridden"] = overrides.model_dump(exclude_none=True) if overrides else {}
     decision["decided_at"] = time.time()
+    from guided_ab import approval
+
+    if approval.needs_approval(cfg, decision):  # no reader ever sees `switch` before the sign-off
+        approval.mark_pending(store, cfg, decision)
+        return decision
     store.write_json("decision.json", decision)
     write_reports(store, cfg, evaluation, decision)
     return decision

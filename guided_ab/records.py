@@ -21,11 +21,21 @@ Outcome = Literal[
     # both success and schema_violation; never transient (a re-send would not validate faster).
     "validation_timeout",  # validation ran past workload.validation_timeout_s (e.g. a backtracking regex)
     "validation_error",  # the validator raised (our side, not the answer's: e.g. a $ref it cannot resolve)
+    # tool calls (a replayed or tool-mode request with `tools` + `tool_choice`)
+    "no_tool_call",  # the answer called no function although the request required one
+    "unknown_tool",  # the answer called a function the request did not offer
+    # workload problems: the server refused the request for a reason unrelated to structured
+    # output; never a backend's failure (backend attribution "none"), excluded from the comparison
+    "context_overflow",  # HTTP 400: the prompt plus max_tokens does not fit the model's context
+    "invalid_request",  # HTTP 400: another parameter refusal that is not a grammar/schema refusal
 ]
 OUTCOMES: tuple[str, ...] = Outcome.__args__  # type: ignore[attr-defined]
 TRANSIENT_OUTCOMES = frozenset({"server_error", "timeout", "connection_error"})
 # answered, but not judged against the schema (see above)
 UNVALIDATED_OUTCOMES = frozenset({"validation_timeout", "validation_error"})
+# refused by the server for what the workload asked (see above): excluded from the backend comparison
+WORKLOAD_OUTCOMES = frozenset({"context_overflow", "invalid_request"})
+NO_BACKEND = "none"  # the `backend` of a request that never reached grammar compilation
 
 
 class RequestRecord(BaseModel):
@@ -54,6 +64,7 @@ class RequestRecord(BaseModel):
     outcome: Outcome
     error: str | None = None
     output: str | None = None
+    custom_id: str | None = None  # the replayed request's `custom_id` (replay workloads; None otherwise)
 
     @classmethod
     def from_response(cls, raw, outcome: Outcome, error: str | None, **planned) -> RequestRecord:

@@ -41,7 +41,7 @@ import yaml
 
 from guided_ab.config import ConfigError, ExperimentConfig, load_config
 from guided_ab.errors import PhaseLocked, RunStateError
-from guided_ab.records import RequestRecord, records_frame
+from guided_ab.records import RECORD_COLUMNS, RequestRecord, records_frame
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: `$` would let a trailing newline through
 
@@ -289,7 +289,7 @@ class RunStore:
             pq = self._parquet_path(ph)
             if pq.is_file() and (not self.journal_path(ph).is_file() or pq.stat().st_mtime >= self.journal_path(ph).stat().st_mtime):
                 try:
-                    frames.append(pd.read_parquet(pq))
+                    frames.append(_with_record_columns(pd.read_parquet(pq)))
                     continue
                 except Exception:  # noqa: BLE001 - a damaged parquet: the journal holds the same records
                     if not self.journal_path(ph).is_file():
@@ -297,6 +297,14 @@ class RunStore:
             frames.append(self._journal_frame(ph))
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else records_frame([])
+
+
+def _with_record_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """A parquet written before a record column existed (e.g. `custom_id`): the column, empty."""
+    for col in RECORD_COLUMNS:
+        if col not in frame.columns:
+            frame[col] = None
+    return frame
 
 
 def list_runs(root: str | Path) -> list[Path]:

@@ -1,4 +1,5 @@
-"""The workload: JSON schemas with prompts, from the built-in suite or a JSONSchemaBench-style directory.
+"""The workload: JSON schemas with prompts, from the built-in suite or a JSONSchemaBench-style directory,
+or a team's own requests to replay (a .jsonl in the OpenAI Batch API input format, guided_ab/replay.py).
 
 Built-in suite `functions` (guided_ab/suites/functions.json): function-signature argument schemas
 like the seed's tool calls (a different schema on almost every request). A bench directory holds
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import stat
 from importlib import resources
 from pathlib import Path
@@ -22,6 +24,7 @@ from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict
 
 from guided_ab.config import ConfigError, Workload
+from guided_ab.replay import answer_schema, is_replay_suite, read_requests
 from guided_ab.schema_refs import check_refs
 
 BUILTIN_SUITES = ("functions",)
@@ -34,6 +37,10 @@ class WorkItem(BaseModel):
     subset: str
     prompt: str
     json_schema: dict[str, Any]
+    # a request sent as it is (a replayed line, or a schema in tool mode): the chat completion body
+    # without `model` and `stream`, which are set per arm and per request
+    body: dict[str, Any] | None = None
+    custom_id: str | None = None  # a replayed line's custom_id
 
     def render(self, template: str) -> str:
         schema_text = json.dumps(self.json_schema, separators=(",", ":"))
@@ -166,18 +173,51 @@ def load_workload(wl: Workload, base_dir: Path | None = None) -> list[WorkItem]:
 
 
 def suite_pool(wl: Workload, base_dir: Path | None = None) -> list[WorkItem]:
-    """Every schema of the workload's suite (unchecked, in the suite's order)."""
+    """Every schema of the workload's suite (unchecked, in the suite's order); a replay file's
+    requests (checked as they are read: a bad line names its file and line)."""
     if wl.suite in BUILTIN_SUITES:
         return builtin_suite(wl.suite)
     p = Path(wl.suite)
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p
+    if is_replay_suite(wl.suite):
+        return replay_items(p, wl)
     return bench_directory(p, wl.subsets, wl.max_schema_bytes)
 
 
+def replay_items(path: Path, wl: Workload) -> list[WorkItem]:
+    """The requests of a Batch API input file as work items: schema_id = custom_id."""
+    return [
+        WorkItem(schema_id=r["custom_id"], subset=path.stem, prompt="", json_schema=answer_schema(r["body"]),
+                 body=r["body"], custom_id=r["custom_id"])
+        for r in read_requests(path, wl)
+    ]
+
+
+def tool_body(it: WorkItem, wl: Workload) -> dict[str, Any]:
+    """A schema of the suite as the seed's tool call: one function with the schema as its
+    parameters, a call required (`workload.mode: tools`)."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", it.schema_id)[:64]
+    fn: dict[str, Any] = {"name": name, "parameters": it.json_schema}
+    if isinstance(it.json_schema.get("description"), str):
+        fn["description"] = it.json_schema["description"]
+    return {
+        "messages": [{"role": "user", "content": f"{it.prompt}\nCall the function `{name}` with realistic arguments."}],
+        "temperature": wl.temperature,
+        "max_tokens": wl.max_tokens,
+        "tools": [{"type": "function", "function": fn}],
+        "tool_choice": "required",
+    }
+
+
 def _checked(it: WorkItem, wl: Workload) -> WorkItem:
+    if it.body is not None:  # a replayed request: checked when its file was read
+        return it
     schema = check_schema(it.json_schema, it.schema_id, wl.max_schema_bytes)
-    return it.model_copy(update={"json_schema": schema, "prompt": it.prompt or _prompt_for(schema, it.schema_id)})
+    it = it.model_copy(update={"json_schema": schema, "prompt": it.prompt or _prompt_for(schema, it.schema_id)})
+    if wl.mode == "tools":
+        it = it.model_copy(update={"body": tool_body(it, wl)})
+    return it
 
 
 def more_items(wl: Workload, exclude: set[str], n: int, base_dir: Path | None = None) -> list[WorkItem]:

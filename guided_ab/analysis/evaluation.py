@@ -40,7 +40,7 @@ from guided_ab.analysis import comparison as CMP
 from guided_ab.analysis import stats as S
 from guided_ab.analysis.backends import backend_share, candidate_schema_backends, observe_section, outcome_counts
 from guided_ab.analysis.gates import GateInput, validity_gates
-from guided_ab.analysis.pairs import ANSWERED_OUTCOMES, ArmPairs, Columns, dedupe_pairs, unit_clusters
+from guided_ab.analysis.pairs import ANSWERED_OUTCOMES, ArmPairs, Columns, dedupe_pairs, unit_clusters, workload_problems
 from guided_ab.config import DecisionRule, ExperimentConfig
 from guided_ab.records import TRANSIENT_OUTCOMES
 
@@ -132,6 +132,10 @@ def evaluate(
     s = _Setup(cfg, float(rule.alpha), int(rule.bootstrap_resamples), np.random.default_rng(seed))
     df = Columns.from_records(records)
     counts = _phase_counts(df)
+    # pairs refused for the workload's own sake (context overflow, bad parameters) leave the
+    # comparison whole; counted in `workload_problems` (accounting above still sees every record)
+    drop, problems = workload_problems(df, s.arms)
+    full_df, df = df, df.take(~drop) if drop.any() else df
     data, dup_pairs = dedupe_pairs(df, s.arms, float(cfg.workload.timeout_s))
     clusters = unit_clusters(data)
     draws = _run_bootstrap(s, data, clusters)
@@ -149,9 +153,10 @@ def evaluate(
                                                           arms_out[s.control]["cost"]["per_1k_success"]))
     family = CMP.holm_family(comparisons, s.alpha)
     gates = validity_gates(GateInput(
-        arms=s.arms, counts=counts, request_ids=df["request_id"], record_arms=df["arm"],
+        arms=s.arms, counts=counts, request_ids=full_df["request_id"], record_arms=full_df["arm"],
         ab_outcomes={arm: data[arm].rows["outcome"] for arm in s.arms}, duplicated_pairs=dup_pairs,
         comparisons=comparisons, max_error_share=rule.max_error_share, planned=planned, endpoints=endpoints,
+        workload_problems=problems, max_workload_problem_share=rule.max_workload_problem_share,
     ))
     result = {
         "experiment": cfg.name,
@@ -165,7 +170,8 @@ def evaluate(
         "comparisons": comparisons,
         "multiplicity": {"method": "holm", "informational": True, "family": family,
                          "decision": "Bonferroni intervals over the rule's families (see settings.multiplicity)"},
-        "pool": _pool(df, schema_pool),
+        "pool": _pool(full_df, schema_pool),
+        "workload_problems": problems,
         "gates": gates,
         "valid": all(g["passed"] for g in gates),
     }

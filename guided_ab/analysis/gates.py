@@ -48,6 +48,8 @@ class GateInput:
     max_error_share: float
     planned: dict[str, dict[str, int]] | None = None
     endpoints: dict[str, dict] | None = None
+    workload_problems: dict | None = None  # pairs.workload_problems' summary (None: not computed)
+    max_workload_problem_share: float = 0.2
 
 
 def _gate(name: str, passed: bool, detail: str, **extra: Any) -> dict:
@@ -155,9 +157,25 @@ def paired_data(g: GateInput) -> dict:
     return _gate("paired_data", not problems, "; ".join(problems) or "every candidate has pairs with the control")
 
 
+def workload_problem_share(g: GateInput) -> dict:
+    """The share of A/B pairs refused for the workload's own sake (context_overflow,
+    invalid_request: excluded from the comparison) within the rule's cap: past it, what is left is
+    not the workload the experiment was planned on."""
+    wp = g.workload_problems
+    if not wp or not wp.get("of_pairs"):
+        return _gate("workload_problems", True, "no workload problems", share=0.0)
+    share, cap = float(wp["share"]), g.max_workload_problem_share
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(wp["by_outcome"].items())) or "none"
+    detail = (f"{wp['pairs']} of {wp['of_pairs']} A/B pairs ({share:.1%}) refused for the workload's own sake "
+              f"({classes}), excluded from the comparison")
+    if share > cap:
+        detail += f"; over max_workload_problem_share {cap:.1%}: shorten the prompts or lower max_tokens"
+    return _gate("workload_problems", share <= cap, detail, share=share)
+
+
 GATES: tuple[Callable[[GateInput], dict], ...] = (
     request_accounting, unique_requests, sample_ratio, error_share, same_vllm_version, same_request_settings,
-    paired_data,
+    paired_data, workload_problem_share,
 )
 
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from guided_ab.records import RECORD_COLUMNS, UNVALIDATED_OUTCOMES
+from guided_ab.records import RECORD_COLUMNS, UNVALIDATED_OUTCOMES, WORKLOAD_OUTCOMES
 
 # outcomes whose request got a generated completion back: latency is measured over these (an
 # answer our validator could not judge is still an answer: its latency and tokens are real)
-ANSWERED_OUTCOMES = frozenset({"success", "truncated", "invalid_json", "schema_violation"}) | UNVALIDATED_OUTCOMES
+ANSWERED_OUTCOMES = frozenset({"success", "truncated", "invalid_json", "schema_violation", "no_tool_call",
+                               "unknown_tool"}) | UNVALIDATED_OUTCOMES
 # outcomes without an answer whose wait still counts: latency right-censored at the timeout
 CENSORED_OUTCOMES = frozenset({"timeout", "connection_error"})
 
@@ -163,3 +164,34 @@ def dedupe_pairs(df: Columns, arms: list[str], timeout_s: float | None = None) -
         per_arm_idx[arm] = idx[last]
     units = np.unique(np.concatenate([df["pair_index"][i] for i in per_arm_idx.values()]))
     return {arm: ArmPairs(df.take(per_arm_idx[arm]), units, timeout_s) for arm in arms}, dup_pairs
+
+
+def workload_problems(df: Columns, arms: list[str]) -> tuple[np.ndarray, dict]:
+    """The A/B pairs the server refused for the workload's own sake (records.WORKLOAD_OUTCOMES:
+    the prompt over the context, another parameter refusal) on any arm: a backend is not to blame
+    for them, so they leave the comparison whole (both arms). Returns (a mask of the rows to drop,
+    a summary: pairs excluded of all pairs, their share, the classes, the custom_ids or schemas, and
+    each arm's success rate with them counted as failures, the sensitivity line)."""
+    ab = (df["phase"] == "ab") & ~df["warmup"] & np.isin(df["arm"], arms)
+    bad = ab & np.isin(df["outcome"], list(WORKLOAD_OUTCOMES))
+    bad_pairs = np.unique(df["pair_index"][bad])
+    drop = ab & np.isin(df["pair_index"], bad_pairs)
+    all_pairs = np.unique(df["pair_index"][ab])
+    by_outcome: dict[str, int] = {}
+    for o in df["outcome"][bad].tolist():
+        by_outcome[o] = by_outcome.get(o, 0) + 1
+    with_them: dict[str, float | None] = {}
+    without: dict[str, float | None] = {}
+    for arm in arms:
+        rows = ab & (df["arm"] == arm)
+        kept = rows & ~drop
+        with_them[arm] = float(np.mean(df["outcome"][rows] == "success")) if rows.any() else None
+        without[arm] = float(np.mean(df["outcome"][kept] == "success")) if kept.any() else None
+    info = {
+        "pairs": int(bad_pairs.size), "of_pairs": int(all_pairs.size),
+        "share": float(bad_pairs.size / all_pairs.size) if all_pairs.size else 0.0,
+        "requests": int(bad.sum()), "by_outcome": by_outcome,
+        "schemas": sorted(set(df["schema_id"][bad].tolist())),
+        "success_rate_excluded": without, "success_rate_if_included": with_them,
+    }
+    return drop, info

@@ -314,7 +314,7 @@ def _frame(blocks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
     order = np.lexsort((cols["order_index"], cols["phase"] != "ab"))
     n = order.size
     const = {"run_id": "synthetic", "subset": "synthetic", "stream": True, "attempt": 1,
-             "prompt_tokens": 100, "error": None, "output": None}
+             "prompt_tokens": 100, "error": None, "output": None, "custom_id": None}
     data: dict[str, object] = {}
     for c in RECORD_COLUMNS:
         if c in cols:

@@ -17,6 +17,8 @@ averaged first, so repeats of one schema count once, and the standard error is t
   out is slow, not missing); answered requests count with their latency (capped at timeout_s).
   Pairs where an arm failed fast (a refusal, a server error: a few milliseconds that say nothing
   of speed) leave the latency comparison, as in pairs.py; their failure counts in the success one.
+  Pairs the server refused for the workload's own sake (context overflow, an invalid request:
+  records.WORKLOAD_OUTCOMES) leave both comparisons, as in the fixed-size evaluation.
 Information time is pairs / the design's planned pairs. Each interval is at alpha / candidates
 (two-sided): a wrong verdict needs one interval to miss the truth on the side the verdict rests on,
 and with two metrics those one-sided misses add up to at most alpha per candidate.
@@ -48,12 +50,14 @@ import pandas as pd
 
 from guided_ab.analysis import stats as S
 from guided_ab.analysis.groupseq import MIN_UNITS, critical_values, half_width
+from guided_ab.analysis.pairs import ANSWERED_OUTCOMES, CENSORED_OUTCOMES
 from guided_ab.config import DecisionRule
+from guided_ab.records import WORKLOAD_OUTCOMES
 
 METHOD = ("group-sequential repeated confidence intervals (Lan-DeMets alpha spending, Hwang-Shih-DeCani "
           "gamma -2, 10% of alpha kept for continuations); units = schemas")
-CENSORED = frozenset({"timeout", "connection_error"})
-ANSWERED = frozenset({"success", "truncated", "invalid_json", "schema_violation"})
+CENSORED = CENSORED_OUTCOMES
+ANSWERED = ANSWERED_OUTCOMES
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,10 @@ def schema_units(records: pd.DataFrame, control: str, candidate: str, timeout_s:
             "pair_index": a["pair_index"].to_numpy(), "schema_id": a["schema_id"].to_numpy(),
             "ok": (a["outcome"] == "success").to_numpy(dtype=float), "lat": _latency(a, timeout_s),
             "cens": a["outcome"].isin(CENSORED).to_numpy(dtype=int),
+            "wl": a["outcome"].isin(WORKLOAD_OUTCOMES).to_numpy(),
         })
     m = side[control].merge(side[candidate].drop(columns="schema_id"), on="pair_index", suffixes=("_k", "_c"))
+    m = m[~(m["wl_k"] | m["wl_c"])]  # refused for the workload's own sake: no backend to judge (pairs.py)
     m["d"] = m["ok_c"] - m["ok_k"]
     m["lr"] = np.log(m["lat_c"] / m["lat_k"])
     m["cens"] = m["cens_k"] + m["cens_c"]

@@ -100,7 +100,7 @@ def _frame(frames: list[dict[str, np.ndarray]]) -> pd.DataFrame:
     order = np.lexsort((cols["order_index"], cols["phase"] != "ab"))  # observe rows after the A/B rows
     total = order.size
     const = {"run_id": "synthetic", "subset": "synthetic", "first_for_schema": True, "stream": True, "attempt": 1,
-             "prompt_tokens": 100, "error": None, "output": None}
+             "prompt_tokens": 100, "error": None, "output": None, "custom_id": None}
     data = {}
     for c in RECORD_COLUMNS:
         v = cols[c][order] if c in cols else np.full(total, const[c], dtype=object if const[c] is None or

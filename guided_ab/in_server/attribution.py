@@ -18,15 +18,69 @@ import copy
 import json
 import logging
 import os
+import re
 from typing import Any
 
 HEADER = b"x-guided-ab-backend"  # keep in sync with guided_ab.arms.vllm_args.ATTRIBUTION_HEADER
+
+# Refusals that are the workload's, not a grammar's (guided_ab.load.classify reads the same
+# patterns): vLLM 0.32 says "This model's maximum context length is 4096 tokens. However, your
+# prompt contains at least 4097 input tokens ..." (renderers/params.py) before any grammar is
+# compiled; other servers "context length" / "prompt is too long".
+CONTEXT_OVERFLOW = re.compile(r"maximum context length|context length|context window|prompt is too long|"
+                              r"prompt contains .* input tokens", re.IGNORECASE | re.DOTALL)
+# the server was not started for this kind of request ('tool_choice="required" requires --tool-call-parser')
+SERVER_SETUP = re.compile(r"requires --[a-z]", re.IGNORECASE)
+# a refusal that names anything of structured output is the grammar's (or the schema's)
+GRAMMAR_REFUSAL = re.compile(r"grammar|schema|xgrammar|guidance|outlines|structur|json_object|regex|pattern|lark|"
+                             r"ebnf|response_format|guided|tool|unimplemented|unsupported", re.IGNORECASE)
+PARAMETER_STATUSES = (400, 422)  # a parameter refusal; other 4xx (401, 404, 429) are not sorted
+
+
+def workload_refusal(status: int, message: str) -> str | None:
+    """"context_overflow" or "invalid_request" when a refusal is the workload's, else None."""
+    if CONTEXT_OVERFLOW.search(message):
+        return "context_overflow"
+    if status in PARAMETER_STATUSES and (SERVER_SETUP.search(message) or (message and not GRAMMAR_REFUSAL.search(message))):
+        return "invalid_request"
+    return None
 PATHS = ("/v1/chat/completions", "/v1/completions")
 log = logging.getLogger("guided_ab.in_server.attribution")
 
 
+def _tools_schema(body: dict[str, Any]) -> dict | None:
+    """The schema vLLM constrains a tool call with: a named function's parameters, or for
+    `tool_choice: "required"` an array of calls to any offered function (vLLM's own
+    get_json_schema_from_tools, where it can be imported)."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    if not isinstance(tools, list) or not tools:
+        return None
+    if isinstance(choice, dict):
+        name = (choice.get("function") or {}).get("name")
+        for t in tools:
+            fn = (t.get("function") or {}) if isinstance(t, dict) else {}
+            if fn.get("name") == name:
+                return fn.get("parameters") or {"type": "object", "properties": {}}
+        return None
+    if choice != "required":
+        return None
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+        from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+        schema = get_json_schema_from_tools("required", [ChatCompletionToolsParam.model_validate(t) for t in tools])
+        return schema if isinstance(schema, dict) else None
+    except Exception:  # another vLLM layout: the same shape, written out
+        return {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": [
+            {"properties": {"name": {"type": "string", "enum": [t["function"]["name"]]},
+                            "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}}},
+             "required": ["name", "parameters"]} for t in tools]}}
+
+
 def requested_schema(body: dict[str, Any]) -> dict | str | None:
     """The JSON schema a request constrains its output with, or None for unconstrained requests."""
+    if body.get("tools"):
+        return _tools_schema(body)
     rf = body.get("response_format")
     if isinstance(rf, dict):
         if rf.get("type") == "json_schema":
@@ -122,9 +176,26 @@ class BackendAttributionMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
+        held: dict | None = None  # a refusal's start, until its body says whose refusal it is
+
+        def with_header(msg: dict) -> dict:
+            return {**msg, "headers": [*msg.get("headers", []), (HEADER, str(backend).encode())]}
+
         async def send_with_header(msg: dict) -> None:
+            nonlocal held
             if backend and msg["type"] == "http.response.start":
-                msg = {**msg, "headers": [*msg.get("headers", []), (HEADER, backend.encode())]}
+                if int(msg.get("status", 200)) in PARAMETER_STATUSES:
+                    held = msg  # sent with the first body chunk
+                    return
+                msg = with_header(msg)
+            elif held is not None and msg["type"] == "http.response.body":
+                start, held = held, None
+                try:  # a refusal before any grammar was compiled (context length, parameters): no backend to name
+                    text = msg.get("body", b"").decode("utf-8", "replace")
+                    ours = workload_refusal(int(start.get("status", 400)), text) is None
+                except Exception:
+                    ours = True
+                await send(with_header(start) if ours else start)
             await send(msg)
 
         await self.app(scope, replay, send_with_header)

@@ -55,6 +55,9 @@ class RawResponse:
     # transport-level failure: "timeout" | "connection_error" | "protocol" (garbage from the server)
     failure: str | None = None
     error: str | None = None
+    # the answer's tool calls, [{"name", "arguments"}] (arguments as the text the server sent;
+    # streamed deltas joined per call index); None when the answer carried none
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 def chat_body(model: str, prompt: str, schema: dict, *, name: str, temperature: float, max_tokens: int, stream: bool) -> dict:
@@ -74,6 +77,15 @@ def chat_body(model: str, prompt: str, schema: dict, *, name: str, temperature: 
     if stream:
         body["stream_options"] = {"include_usage": True}
     return body
+
+
+def request_body(model: str, stream: bool, body: dict) -> dict:
+    """A replayed (or tool-mode) request as it is sent to one arm: its own body, with the arm's
+    model and the plan's stream flag; nothing else changes."""
+    out = {**body, "model": model, "stream": stream}
+    if stream:
+        out["stream_options"] = {"include_usage": True}
+    return out
 
 
 def _count(value: Any) -> int | None:
@@ -171,12 +183,29 @@ _SENT_TRACE.freeze()
 class _StreamState:
     """Parses SSE lines into a RawResponse; `feed` returns False once the stream must stop."""
 
-    __slots__ = ("out", "parts", "done")
+    __slots__ = ("out", "parts", "done", "calls")
 
     def __init__(self, out: RawResponse):
         self.out = out
         self.parts: list[str] = []
         self.done = False
+        self.calls: dict[int, dict[str, Any]] = {}  # tool-call index -> {"name", "arguments" parts}
+
+    def _tool_deltas(self, deltas: Any, now: float, t0: float) -> None:
+        """Accumulate streamed tool-call deltas: the name comes once, the arguments in pieces."""
+        for d in deltas:
+            idx = d.get("index", len(self.calls))
+            if not isinstance(idx, int):
+                raise TypeError(f"tool call index {idx!r} is not an integer")
+            call = self.calls.setdefault(idx, {"name": None, "arguments": []})
+            fn = d.get("function") or {}
+            if fn.get("name"):
+                call["name"] = _str(fn["name"])
+            args = _str(fn.get("arguments"))
+            if args:
+                if self.out.ttft_s is None:
+                    self.out.ttft_s = now - t0
+                call["arguments"].append(args)
 
     def feed(self, line: bytes, now: float, t0: float) -> bool:
         if not line.startswith(b"data:"):
@@ -204,6 +233,8 @@ class _StreamState:
                     if out.ttft_s is None:
                         out.ttft_s = now - t0
                     self.parts.append(content)
+                if delta and delta.get("tool_calls"):
+                    self._tool_deltas(delta["tool_calls"], now, t0)
                 if choice.get("finish_reason"):
                     out.finish_reason = _str(choice["finish_reason"])
             usage = chunk.get("usage")
@@ -220,6 +251,8 @@ class _StreamState:
         if out.failure is not None:
             return  # garbage from the server: no answer text
         out.text = "".join(self.parts)
+        if self.calls:
+            out.tool_calls = [{"name": c["name"], "arguments": "".join(c["arguments"])} for _, c in sorted(self.calls.items())]
         if not self.done and out.finish_reason is None:
             out.failure, out.error = "connection_error", "stream ended before the answer was complete"
 
@@ -256,12 +289,16 @@ def _read_body(raw: bytes, out: RawResponse) -> None:
         data = _loads(raw)  # strict (orjson): a lone surrogate is garbage, not text no record could hold
         choice = data["choices"][0]
         out.text = _str(choice["message"]["content"]) or ""
+        calls = choice["message"].get("tool_calls")
+        if calls:
+            out.tool_calls = [{"name": _str(c["function"]["name"]), "arguments": _str(c["function"].get("arguments")) or ""}
+                              for c in calls]
         out.finish_reason = _str(choice.get("finish_reason"))
         usage = data.get("usage") or {}
         out.prompt_tokens = _count(usage.get("prompt_tokens"))
         out.completion_tokens = _count(usage.get("completion_tokens"))
     except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-        out.text = out.finish_reason = out.prompt_tokens = out.completion_tokens = None
+        out.text = out.finish_reason = out.prompt_tokens = out.completion_tokens = out.tool_calls = None
         out.failure, out.error = "protocol", f"HTTP 200 body is not a chat completion: {_short(raw.decode('utf-8', 'replace'), 200)}"
 
 

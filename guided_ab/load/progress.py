@@ -20,7 +20,8 @@ from typing import Any
 
 OUTCOME_STYLE = {"success": "green", "truncated": "yellow", "schema_violation": "red", "invalid_json": "magenta",
                  "rejected": "red", "server_error": "bold red", "timeout": "bright_black", "connection_error": "red",
-                 "validation_timeout": "yellow", "validation_error": "yellow"}
+                 "validation_timeout": "yellow", "validation_error": "yellow", "no_tool_call": "red", "unknown_tool": "red",
+                 "context_overflow": "blue", "invalid_request": "blue"}  # blue: the workload's problems, not a backend's
 
 
 def enabled() -> bool:

@@ -22,6 +22,7 @@ request, e.g. Poisson) a worker also waits for its request's arrival time (open 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,11 +30,12 @@ from dataclasses import dataclass, field
 from guided_ab.arms.base import Endpoint, resolve_key
 from guided_ab.config import Workload
 from guided_ab.load.classify import classify_async
-from guided_ab.load.client import chat_body, new_session, send_chat
+from guided_ab.load.client import chat_body, new_session, request_body, send_chat
 from guided_ab.load.validate import schema_key
 from guided_ab.plan import Plan, PlannedRequest
-from guided_ab.records import RequestRecord
+from guided_ab.records import NO_BACKEND, WORKLOAD_OUTCOMES, RequestRecord
 from guided_ab.redact import redact
+from guided_ab.replay import tool_spec
 from guided_ab.store import RunStore
 
 Progress = Callable[[int, int, Counter], None]
@@ -86,10 +88,13 @@ async def run_plan(
     async def one(http, req: PlannedRequest) -> None:
         ep = endpoints[req.arm]
         item = plan.items[req.schema_id]
-        body = chat_body(
-            ep.model, item.render(wl.prompt_template), item.json_schema, name=item.schema_id,
-            temperature=wl.temperature, max_tokens=wl.max_tokens, stream=req.stream,
-        )
+        if item.body is not None:  # a replayed request (or tool mode): the same body to every arm
+            body = request_body(ep.model, req.stream, item.body)
+        else:
+            body = chat_body(
+                ep.model, item.render(wl.prompt_template), item.json_schema, name=item.schema_id,
+                temperature=wl.temperature, max_tokens=wl.max_tokens, stream=req.stream,
+            )
         attempts[req.request_id] += 1
         journal.log_sent(req.request_id)
         raw = await send_chat(http, ep.base_url, body, api_key=keys[req.arm], timeout_s=wl.timeout_s)
@@ -97,14 +102,19 @@ async def run_plan(
         if req.schema_id not in schema_keys:
             schema_keys[req.schema_id] = schema_key(item.json_schema)
         outcome, error = await classify_async(raw, item.json_schema, timeout_s=wl.validation_timeout_s,
-                                              key=schema_keys[req.schema_id])
+                                              key=schema_keys[req.schema_id], tools=tool_spec(item.body),
+                                              max_tokens=body.get("max_tokens") or body.get("max_completion_tokens"))
         error = redact(error, secrets)
+        if outcome in WORKLOAD_OUTCOMES:  # the workload's problem (refused, or out of context): no backend to blame
+            raw.backend = NO_BACKEND
+        if raw.tool_calls is not None and not raw.text:  # the answer is its calls: kept as they came
+            raw.text = redact(json.dumps(raw.tool_calls, ensure_ascii=False), secrets)
         rec = RequestRecord.from_response(
             raw, outcome, error,
             run_id=store.run_id, phase=plan.phase, arm=req.arm, request_id=req.request_id,
             schema_id=req.schema_id, subset=item.subset, order_index=req.order_index,
             pair_index=req.pair_index, warmup=req.warmup, first_for_schema=req.first_for_schema,
-            stream=req.stream, attempt=attempts[req.request_id],
+            stream=req.stream, attempt=attempts[req.request_id], custom_id=item.custom_id,
         )
         journal.append(rec)
         result.sent_now += 1

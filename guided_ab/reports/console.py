@@ -5,6 +5,7 @@ Summary: listing many runs never loads their records.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.table import Table
@@ -24,14 +25,28 @@ def summary_table(run_dir: Path) -> Table:
     s = Summary.load(run_dir)
     # every cell is Text: backends, failure classes and verdicts come from server answers and
     # run files, and a `[/bold]` in one must print as itself, never as rich markup
+    notes = [*s.hypotheses, *workload_problems_lines(run_dir)]
     table = Table(title=Text(f"{run_dir.name}: {s.verdict_text}"),
-                  caption=Text("\n".join(s.hypotheses)) if s.hypotheses else None)
+                  caption=Text("\n".join(notes)) if notes else None)
     for c in SUMMARY_COLUMNS:
         # numbers and their intervals never break across lines; the failure list may
         table.add_column(c, no_wrap=c != "failures")
     for r in s.arm_rows:
         table.add_row(*(Text(str(r[c])) for c in SUMMARY_COLUMNS))
     return table
+
+
+def workload_problems_lines(run_dir: Path) -> list[str]:
+    """The workload problems of a run (evaluation.json), apart from the backends' failures."""
+    try:
+        wp = json.loads((run_dir / "evaluation.json").read_text()).get("workload_problems") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    if not wp.get("pairs"):
+        return []
+    classes = ", ".join(f"{k} {v}" for k, v in sorted(wp.get("by_outcome", {}).items()))
+    return [f"workload problems (not the backends'): {wp['pairs']} of {wp['of_pairs']} A/B pairs ({wp['share']:.1%}: "
+            f"{classes}) excluded from the comparison"]
 
 
 def runs_table(root: str | Path) -> Table:

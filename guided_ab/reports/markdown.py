@@ -65,6 +65,39 @@ def observe_section(evaluation: Mapping[str, Any]) -> str:
     return "\n".join(parts) + "\n" if parts else "_no observe phase_\n"
 
 
+def workload_problems_section(evaluation: Mapping[str, Any]) -> str:
+    """Requests the server refused for the workload's own sake (context overflow, bad parameters):
+    apart from the backends' failures, with what including them would change, and the pre-flight
+    count of prompts that could not fit."""
+    wp = evaluation.get("workload_problems") or {}
+    parts = []
+    if wp.get("pairs"):
+        classes = ", ".join(f"{md_text(k)} {v}" for k, v in sorted(wp.get("by_outcome", {}).items()))
+        parts.append(f"**{wp['pairs']} of {wp['of_pairs']} A/B pairs ({wp['share']:.1%})** were refused for a reason "
+                     f"unrelated to structured output ({classes}; backend attribution `none`) and are excluded from "
+                     "the comparison: no backend is blamed for them.\n")
+        rows = [{"arm": arm, "success rate (excluded)": _pct(wp["success_rate_excluded"].get(arm)),
+                 "success rate (if counted as failures)": _pct(wp["success_rate_if_included"].get(arm))}
+                for arm in wp.get("success_rate_excluded", {})]
+        parts.append("Sensitivity: including them would change each arm's success rate as follows.\n")
+        parts.append(_md_table(rows))
+        parts.append(f"Requests: {md_text(', '.join(wp.get('schemas', [])[:20]))}"
+                     + (" ..." if len(wp.get("schemas", [])) > 20 else "") + "\n")
+    else:
+        parts.append("None: every A/B request reached the backends.\n")
+    pre = evaluation.get("preflight") or {}
+    if pre.get("counted"):
+        parts.append(f"Pre-flight: {pre['counted']} prompts counted with the served model's tokenizer; "
+                     f"{len(pre.get('too_long', []))} could not fit max_model_len {pre.get('max_model_len')} - max_tokens"
+                     + (f"; dropped and replaced: {md_text(', '.join(pre['dropped']))}" if pre.get("dropped") else
+                        f" (policy {md_text(pre.get('policy', 'keep'))})") + ".\n")
+    return "\n".join(parts)
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{float(x):.1%}"
+
+
 def render_markdown(m: ReportModel) -> str:
     """report.md without its plots section (`plots_markdown` adds it once the PNGs exist)."""
     evaluation, decision, s = m.evaluation, m.decision, m.summary
@@ -95,6 +128,8 @@ def render_markdown(m: ReportModel) -> str:
         "Timeouts and connection errors count as latencies censored at the workload's timeout: "
         "quantiles past the censored share are lower bounds and means are restricted means.\n",
         _md_table(explain_rows(evaluation)),
+        "## Workload problems (refused for the workload's own sake, not the backends')",
+        workload_problems_section(evaluation),
         "## What the candidates resolved to",
         observe_section(evaluation),
         "## Validity gates",

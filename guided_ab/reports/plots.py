@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 OUTCOME_COLORS = {
     "success": "#16a34a", "truncated": "#f59e0b", "schema_violation": "#dc2626", "invalid_json": "#db2777",
     "rejected": "#7c3aed", "server_error": "#7f1d1d", "timeout": "#64748b", "connection_error": "#92400e",
-    "validation_timeout": "#a3a3a3", "validation_error": "#737373",
+    "validation_timeout": "#a3a3a3", "validation_error": "#737373", "no_tool_call": "#b91c1c", "unknown_tool": "#991b1b",
+    "context_overflow": "#0284c7", "invalid_request": "#0369a1",  # blues: the workload's problems, not a backend's
 }
 BACKEND_COLORS = {"guidance": "#0d9488", "xgrammar": "#6366f1", "outlines": "#d97706",
                   "lm-format-enforcer": "#be185d", "unknown": "#cbd5e1"}

@@ -360,8 +360,11 @@ class FaultServer:
         n = self.pieces if mode != "trickle" else max(self.pieces, 2)
         step = max(1, math.ceil(len(content) / n))
         pieces = [content[i:i + step] for i in range(0, len(content), step)] or [""]
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(pieces),
-                 "total_tokens": prompt_tokens + len(pieces)}
+        n_tokens = len(pieces)
+        if mode == "truncated" and isinstance(req.get("max_tokens"), int):
+            n_tokens = req["max_tokens"]  # as a real server: "length" means the answer used all its max_tokens
+        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n_tokens,
+                 "total_tokens": prompt_tokens + n_tokens}
         cid, created = f"chatcmpl-{uuid.uuid4().hex[:16]}", int(time.time())
         if not stream:
             if mode == "trickle":

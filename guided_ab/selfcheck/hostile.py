@@ -172,8 +172,9 @@ def security_echoed_key(sb: Sandbox) -> str:
     with servers(sb, "echo") as (control, cand):
         run = run_phase(sb, "echo", control.url, cand.url, stream_share=0.5)
     phases.decide_run(run.store)
-    detail = check_run(run, {"control": all_success, "candidate": only("rejected", "schema_violation")},
-                       "rejected / schema_violation")
+    # its 400 ("bad request; you sent Authorization: ...") names no grammar: invalid_request
+    detail = check_run(run, {"control": all_success, "candidate": only("rejected", "invalid_request", "schema_violation")},
+                       "rejected / invalid_request / schema_violation")
     echoed = _candidates(run)
     expect(all("Bearer REDACTED" in (r.error or "") + (r.output or "") for r in echoed), "the echo is not kept, redacted")
     hits = leaked_files(run.store.dir, [sb.key])
