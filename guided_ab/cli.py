@@ -392,6 +392,86 @@ def selfcheck(
     raise typer.Exit(code)
 
 
+# -- phase 3: promote, monitor, keep or revert (guided_ab/promote.py, guided_ab/monitor.py) ----------
+def _run_flow(flow_path: str, what: str, **params: object) -> dict:
+    import importlib
+
+    _prefect_defaults()
+    module, fn = flow_path.rsplit(".", 1)
+    try:
+        result: dict = getattr(importlib.import_module(module), fn)(**params)
+    except UserError as err:  # not promoted, not a switch, window closed, no production block: exit 2
+        _fail(err)
+    except Exception as err:
+        _fail(f"{what} failed: {err}", code=1)
+    return result
+
+
+@app.command()
+def promote(
+    run_id: str = typer.Option(..., "--run-id"),
+    store: str = STORE_OPT,
+    dry_run: bool = typer.Option(False, "--dry-run", help="show exactly what would change; deploy and record nothing"),
+) -> None:
+    """Promote a `switch` run's winner to production (config `production`) and open its monitoring window."""
+    from guided_ab import promote as P
+    from guided_ab.store import RunStore
+
+    if dry_run:
+        try:
+            out.print(P.promote(RunStore.open(store, run_id), dry_run=True)["text"], highlight=False, markup=False)
+        except UserError as err:
+            _fail(err)
+        return
+    result = _run_flow("flows.promote.promote", "promote", run_id=run_id, store=store)
+    print(f"run_id={run_id} promoted={result['serve']} status={result['status']}")
+
+
+@app.command()
+def monitor(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
+    """One monitoring run: a paired sample to production and the live control; the window judged so far."""
+    result = _run_flow("flows.monitor.monitor", "the monitoring run", run_id=run_id, store=store)
+    if not result["ran"]:
+        print(f"run_id={run_id} window closed ({result['status']}) verdict={result['verdict']}")
+        return
+    out.print(result["reason"], highlight=False, markup=False)
+    print(f"run_id={run_id} monitoring_run={result['run']}/{result['planned_runs']} verdict={result['verdict']}")
+
+
+@app.command()
+def revert(
+    run_id: str = typer.Option(..., "--run-id"),
+    store: str = STORE_OPT,
+    reason: str = typer.Option("", "--reason", help="why (recorded in promotion.json)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="show what would change; deploy and record nothing"),
+) -> None:
+    """Re-deploy the control's configuration as production and stop the live control."""
+    from guided_ab import promote as P
+    from guided_ab.store import RunStore
+
+    if dry_run:
+        try:
+            out.print(P.revert(RunStore.open(store, run_id), dry_run=True)["text"], highlight=False, markup=False)
+        except UserError as err:
+            _fail(err)
+        return
+    result = _run_flow("flows.revert.revert", "the revert", run_id=run_id, store=store, reason=reason)
+    out.print(result["text"], highlight=False, markup=False)
+    print(f"run_id={run_id} status={result['status']}")
+
+
+@app.command(name="monitor-report")
+def monitor_report(run_id: str = typer.Option(..., "--run-id"), store: str = STORE_OPT) -> None:
+    """Write monitor-report.html (the window's runs and running intervals) and print its path."""
+    from guided_ab.monitor import write_report
+    from guided_ab.store import RunStore
+
+    try:
+        print(write_report(RunStore.open(store, run_id)))
+    except UserError as err:
+        _fail(err)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -82,6 +82,9 @@ class ArmSpec:
     arm: Arm
     app_name: str
     tags: Mapping[str, str] | None = None
+    # containers kept warm (deploy-time only, not baked into the image): 1 for an experiment's arm;
+    # 0 for phase 3's live control, scaled to zero between monitoring runs (guided_ab/promote.py)
+    min_containers: int = MIN_CONTAINERS
 
     def environment(self) -> dict[str, str]:
         """The variables baked into the image, from which the container rebuilds this spec."""
@@ -193,7 +196,7 @@ def build_arm_app(spec: ArmSpec) -> tuple[modal.App, modal.Function]:
         secrets=[modal.Secret.from_name(s.api_key_secret, required_keys=["VLLM_API_KEY"])],
         cpu=s.cpu,
         memory=s.memory_gib * 1024,  # MiB
-        min_containers=MIN_CONTAINERS,
+        min_containers=spec.min_containers,
         max_containers=MAX_CONTAINERS,
         scaledown_window=s.scaledown_window_s,
         startup_timeout=s.startup_timeout_s,

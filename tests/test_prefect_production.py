@@ -36,7 +36,7 @@ from synthetic_run import make_finished_run
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 DEPLOYMENTS = {"experiment", "deploy", "observe", "ab", "evaluate", "decide-teardown", "continue", "reaper",
-               "teardown-crashed", "canary"}
+               "teardown-crashed", "canary", "promote", "monitor", "revert"}
 MACHINE = "test-machine"
 
 pytestmark = pytest.mark.timeout(1500)
