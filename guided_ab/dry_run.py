@@ -193,6 +193,9 @@ def describe_plan(
         f"  {p.latency_s:g} s per request{seed_note}, {p.concurrency} in flight across all arms",
         f"  observe phase {_minutes(p.observe_s)}, A/B phase {_minutes(p.ab_s)}",
         f"  start-up: Modal {_minutes(p.modal_startup_s)}, local {_minutes(p.local_startup_s)}; all arms start at once",
+        f"  pre-flight ({wl.preflight}): each A/B prompt is counted with the served model's own tokenizer (the",
+        "  server's /tokenize) once the arms are up, before the first A/B request; a dry run starts no server,",
+        "  so prompts that cannot fit max_model_len - max_tokens are counted then, not here",
     ]
     if any(target_for(a.target).slow_start for a in p.arms):
         lines += [

@@ -396,3 +396,16 @@ def test_answer_cut_at_the_contexts_end_is_a_context_overflow():
     assert outcome == "context_overflow" and "45 of max_tokens 80" in error
     assert classify(raw, {}, max_tokens=45)[0] == "truncated"  # it used its whole budget
     assert classify(raw, {})[0] == "truncated"  # budget unknown: as before
+
+
+def test_the_html_report_shows_workload_problems_apart():
+    from guided_ab.reports.html import _workload_problems
+
+    ev = {"workload_problems": {"pairs": 3, "of_pairs": 44, "share": 3 / 44, "by_outcome": {"context_overflow": 6},
+                                "success_rate_excluded": {"guidance": 0.5, "auto": 0.4},
+                                "success_rate_if_included": {"guidance": 0.46, "auto": 0.36}, "schemas": ["long-1", "long-2"]},
+          "preflight": {"counted": 44, "too_long": ["long-1", "long-2", "long-3"], "max_model_len": 4096, "policy": "keep"}}
+    html = _workload_problems(ev)
+    assert "3 of 44 A/B pairs (6.8%)" in html and "context_overflow 6" in html and "<code>none</code>" in html
+    assert "46.0%" in html and "long-2" in html and "3 could not fit max_model_len 4096" in html
+    assert "every A/B request reached the backends" in _workload_problems({})

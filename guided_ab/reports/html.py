@@ -40,6 +40,8 @@ def render_html(m: ReportModel, plots: Mapping[str, Rendered] | None = None) -> 
         _criteria(m),
         _section("latency", "Latency distributions", _latency(m, p)),
         _section("failures", "Where failures come from", _failures(m, p)),
+        _section("workload-problems", "Workload problems: refused for the workload's own sake, not the backends'",
+                 _workload_problems(m.evaluation)),
         _section("backends", "What the server chose: resolved structured-output backend", _backends(m, p)),
         _section("drift", "Requests over time: drift check", _drift(m, p)),
         _section("cost-section", "Cost", _cost(m, p)),
@@ -63,6 +65,39 @@ def render_html(m: ReportModel, plots: Mapping[str, Rendered] | None = None) -> 
 # -- small HTML helpers ----------------------------------------------------------------------------
 def _e(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
+
+
+def _workload_problems(ev: Mapping[str, Any]) -> str:
+    """Requests the server refused for what the workload asked (prompt over the context, a bad
+    parameter): apart from the backends' failures, excluded from the comparison, with what counting
+    them would change, and the pre-flight count (evaluation's `workload_problems`, `preflight`)."""
+    wp = ev.get("workload_problems") or {}
+    out = []
+    if wp.get("pairs"):
+        classes = ", ".join(f"{k} {v}" for k, v in sorted(wp.get("by_outcome", {}).items()))
+        out.append(f"<p><b>{wp['pairs']} of {wp['of_pairs']} A/B pairs ({wp['share']:.1%})</b> were refused for a reason "
+                   f"unrelated to structured output ({_e(classes)}; backend attribution <code>none</code>): excluded from "
+                   "the comparison, no backend is blamed for them. Counting them as failures would give:</p>")
+        rows = [{"arm": arm, "success rate (excluded)": _pct(wp.get("success_rate_excluded", {}).get(arm)),
+                 "success rate (counted as failures)": _pct(wp.get("success_rate_if_included", {}).get(arm))}
+                for arm in wp.get("success_rate_excluded", {})]
+        out.append(_table(rows, "workload-problems-table"))
+        ids = wp.get("schemas", [])
+        out.append(f"<p class=\"muted small\">Requests: {_e(', '.join(ids[:20]))}{' ...' if len(ids) > 20 else ''}</p>")
+    else:
+        out.append("<p class=\"muted\">None: every A/B request reached the backends.</p>")
+    pre = ev.get("preflight") or {}
+    if pre.get("counted"):
+        too_long = len(pre.get("too_long", []))
+        how = (f"dropped and replaced: {', '.join(pre['dropped'])}" if pre.get("dropped")
+               else f"policy {pre.get('policy', 'keep')}")
+        out.append(f"<p>Pre-flight: {pre['counted']} prompts counted with the served model's tokenizer; {too_long} could "
+                   f"not fit max_model_len {_e(pre.get('max_model_len'))} - max_tokens ({_e(how)}).</p>")
+    return "".join(out)
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{float(x):.1%}"
 
 
 def _section(sid: str, title: str, body: str) -> str:
