@@ -240,9 +240,23 @@ def test_worker_runs_the_evaluate_deployment_from_its_clone(worker, data_dir):
 
 
 # -- 3. a human sign-off before a switch ---------------------------------------------------------
-def test_a_switch_waits_for_sign_off_and_a_rejection_publishes_keep(worker, data_dir):
+def _resume(flow_run_id: UUID, run_input: dict) -> None:
+    """Resume a paused flow run with input as the UI's form does. Prefect 3.9 marks the run Paused
+    before it saves the form's schema; resuming in between is refused ("Run input schema not found",
+    seen once on a loaded CI machine), so try again for a while, as a person clicking again would."""
     from prefect.flow_runs import resume_flow_run
 
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return resume_flow_run(flow_run_id, run_input=run_input)
+        except RuntimeError as err:
+            if "schema not found" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def test_a_switch_waits_for_sign_off_and_a_rejection_publishes_keep(worker, data_dir):
     store = make_finished_run(data_dir / "synthetic", "approval-run", ratio=0.6, decide=False)
     cfg = store.load_config()
     store.save_config(cfg.model_copy(update={"decision": cfg.decision.model_copy(update={"require_approval": True})}))
@@ -253,7 +267,7 @@ def test_a_switch_waits_for_sign_off_and_a_rejection_publishes_keep(worker, data
     pending = store.read_json("decision.json")
     assert pending["verdict"] == "awaiting-approval" and pending["approval"]["proposed"] == "switch", pending
     assert "awaiting-approval" in store.path("report.md").read_text()
-    resume_flow_run(fr_id, run_input={"decision": "reject", "reason": "p99 regressed in the canary", "reviewer": "oncall"})
+    _resume(fr_id, {"decision": "reject", "reason": "p99 regressed in the canary", "reviewer": "oncall"})
     fr = wait_state(fr_id, lambda s: s.is_final(), what="end")
     assert fr.state.is_completed(), fr.state
     decision = store.read_json("decision.json")
