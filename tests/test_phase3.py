@@ -6,10 +6,10 @@ worse mid-window); offline promote/revert on Modal against a fake of the thin SD
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
+from test_modal_target import FakeModal
 
 from guided_ab import looks, monitor, phases, promote
 from guided_ab.arms import modal as modal_target
@@ -211,40 +211,7 @@ def test_production_block_is_checked(production, message):
         parse_config(data)
 
 
-# -- Modal, offline: a fake of the thin SDK layer only -----------------------------------------------
-class FakeModal:
-    """Stands in for arms.modal.ModalSDK (as tests/test_modal_target.py's fake): state in memory."""
-
-    def __init__(self) -> None:
-        self.apps: dict[str, modal_target.AppSummary] = {}
-        self.deployed: list[tuple[object, str]] = []
-        self.stop_calls: list[str] = []
-
-    def deploy_app(self, app, name):
-        self.deployed.append((app, name))
-        self.apps[name] = modal_target.AppSummary(name, time.time(), "deployed")
-        return f"https://ws--{name}-serve.modal.run"
-
-    def web_url(self, name):
-        app = self.apps.get(name)
-        return f"https://ws--{name}-serve.modal.run" if app and app.live else None
-
-    def find_app(self, name):
-        app = self.apps.get(name)
-        return app if app and app.live else None
-
-    def stop_app(self, name):
-        self.stop_calls.append(name)
-        app = self.apps.get(name)
-        if not app or not app.live:
-            return False
-        self.apps[name] = modal_target.AppSummary(name, app.created_at, "stopped")
-        return True
-
-    def list_apps(self):
-        return list(self.apps.values())
-
-
+# -- Modal, offline: a fake of the thin SDK layer only (tests/test_modal_target.py's) ------------------
 def _backend_of(app) -> str:
     """The backend the deployed app serves, from the App's own tags (set from the arm it was built for)."""
     from modal._utils.async_utils import synchronizer
