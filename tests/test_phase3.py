@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 from test_modal_target import FakeModal
+from test_sequential import _run
 
-from guided_ab import looks, monitor, phases, promote
+from guided_ab import monitor, promote
 from guided_ab.arms import modal as modal_target
 from guided_ab.config import ConfigError, load_config, parse_config
 from guided_ab.errors import RunStateError
@@ -41,15 +42,9 @@ def _config(root: Path, control_url: str, cand_url: str, production: dict) -> di
 
 
 def _ab(cfg_data: dict, run_id: str) -> RunStore:
-    """The experiment without Prefect (as tests/test_sequential.py runs it): a switch to 'auto'."""
-    cfg = parse_config(cfg_data)
-    store = RunStore.create(cfg, run_id)
-    phases.build_plans(cfg, store)
-    phases.start_endpoints(cfg, store, log=lambda m: None)
-    looks.run_sequential_ab(cfg, store, log=lambda m: None)
-    phases.teardown(store, log=lambda m: None)
-    phases.evaluate_run(store)
-    d = phases.decide_run(store)
+    """The experiment without Prefect (tests/test_sequential.py's `_run`): a switch to 'auto'."""
+    store = _run(cfg_data, run_id)
+    d = store.read_json("decision.json")
     assert d["verdict"] == "switch" and d["serve"] == "auto", d["reasons"]
     return store
 
