@@ -35,6 +35,8 @@ MODAL_TOKEN_ENVS = ("MODAL_TOKEN_ID", "MODAL_TOKEN_SECRET")
 def store_root(store: str) -> str:
     """The run store root a flow uses: relative roots resolve against $GUIDED_AB_DATA when set."""
     base = os.environ.get(DATA_ENV)
+    if "://" in store:  # a URL (s3://..., file:///...): already absolute, never joined to a directory
+        return store
     if base and not Path(store).is_absolute():
         return str(Path(base) / store)
     return store

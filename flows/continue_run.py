@@ -49,4 +49,4 @@ def continue_run(run_id: str, max_pairs: int, store: str = DEFAULT_STORE, pairs_
                 teardown(rs)
     evaluate(run_id, store, decide=False)
     decision = decide_teardown(run_id, store)
-    return {"run_id": run_id, "decision": decision["verdict"], "store": str(rs.dir), "continued": decision.get("continued")}
+    return {"run_id": run_id, "decision": decision["verdict"], "store": rs.location, "continued": decision.get("continued")}

@@ -71,7 +71,7 @@ def experiment(config_path: str = "configs/local.yaml", run_id: str | None = Non
     if current_flow_run.id:
         run_index_path(current_flow_run.id).write_text(f"{cfg.store}\n{rs.run_id}\n")
         name_flow_run(rs.run_id)
-    log.info(f"run {rs.run_id}: store {rs.dir}")
+    log.info(f"run {rs.run_id}: store {rs.location}")
     keys_from_secret_blocks(key_envs(cfg))
     lim = limits(cfg)
     phases.build_plans(cfg, rs)
@@ -93,4 +93,4 @@ def experiment(config_path: str = "configs/local.yaml", run_id: str | None = Non
     _phase(evaluate, lim.evaluate_s)(rs.run_id, cfg.store, decide=False)
     decide_s = lim.teardown_s + lim.evaluate_s + lim.approval_s
     decision = _phase(decide_teardown, decide_s)(rs.run_id, cfg.store)
-    return {"run_id": rs.run_id, "decision": decision["verdict"], "store": str(rs.dir)}
+    return {"run_id": rs.run_id, "decision": decision["verdict"], "store": rs.location}

@@ -40,7 +40,7 @@ def request_text(store: RunStore, decision: dict[str, Any]) -> str:
     serve = decision.get("serve")
     return (
         f"## Run `{store.run_id}` proposes: switch{f' to `{serve}`' if serve else ''}\n\n{reasons}\n\n"
-        f"The full report is `report.html` in the run store ({store.dir}). Approve to publish the switch; "
+        f"The full report is `report.html` in the run store ({store.location}). Approve to publish the switch; "
         "reject to keep the control. The answer and the reason are recorded in decision.json."
     )
 

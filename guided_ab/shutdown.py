@@ -88,7 +88,7 @@ def finish_run(store_root: str, run_id: str, say: Callable[[str], None]) -> None
         return
     kept = 0
     for phase in ("observe", "ab"):
-        if rs.journal_path(phase).is_file():
+        if rs.has_journal(phase):
             rs.finalize_records(phase)
             kept += len(rs.journal(phase))
     phases.teardown(rs, log=say)

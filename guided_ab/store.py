@@ -11,6 +11,8 @@ Layout (each phase reads its inputs from here, so any phase can be re-run with a
     evaluation.json, decision.json, report.md, report.html, teardown.json
     sequential.json        a sequential A/B's design, judged looks and stop (guided_ab/looks.py)
     logs/<arm>.log         server logs of local arms
+    metrics/<phase>/<arm>.jsonl  the arm's /metrics scraped while the phase ran, one line per scrape
+                           (guided_ab/load/server_metrics.py), or a line saying why it was skipped
 Whole-file writes go to a temporary file in the same directory and are renamed into place.
 
 This module is the one reader and writer of these files: the load path appends through
@@ -42,7 +44,10 @@ import yaml
 from guided_ab.config import ConfigError, ExperimentConfig, load_config
 from guided_ab.errors import PhaseLocked, RunStateError
 from guided_ab.records import RECORD_COLUMNS, RequestRecord, records_frame
+from guided_ab.storage import is_object_store, local_store_path
 
+STORE_FILE = "store.json"  # the run's store format: a newer one is refused on open (RunStore._check_format)
+STORE_FORMAT = 1
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # fullmatch: `$` would let a trailing newline through
 
 
@@ -80,44 +85,114 @@ def atomic_write_text(path: Path, text: str) -> None:
 class RunStore:
     """One run's directory. Creating it checks that the root is writable before anything starts."""
 
+    root: Path | str  # a local store's directory, or an object store's URL (storage_object.ObjectRunStore)
+
+    def __new__(cls, root: str | Path, run_id: str) -> RunStore:
+        # an object store URL (s3://, gs://, az://) gets the object-store run (guided_ab/storage_object.py):
+        # every caller keeps writing `RunStore(root, run_id)` / RunStore.open / RunStore.create
+        if cls is RunStore and is_object_store(root):
+            from guided_ab.storage_object import ObjectRunStore
+
+            return super().__new__(ObjectRunStore)
+        return super().__new__(cls)
+
     def __init__(self, root: str | Path, run_id: str):
         self.run_id = check_run_id(run_id)
-        self.root = Path(root)
-        self.dir = (self.root / run_id).resolve()
-        if self.root.resolve() not in self.dir.parents:
+        self.root = local_root = local_store_path(root)
+        self.dir = (local_root / run_id).resolve()
+        if local_root.resolve() not in self.dir.parents:
             raise ConfigError(f"run id {run_id!r} would leave the store directory {self.root}")
 
     # -- creation and lookup -------------------------------------------------------------------
     @classmethod
     def create(cls, cfg: ExperimentConfig, run_id: str | None = None) -> RunStore:
         store = cls(cfg.store, run_id or new_run_id(cfg.name))
+        store._prepare()
+        if store._exists_config():
+            store._check_format()
+        else:
+            store.write_json(STORE_FILE, {"format": STORE_FORMAT, "layout": store._layout})
+            store.save_config(cfg)
+        return store
+
+    def _prepare(self) -> None:
+        """Make the run directory and check that it is writable, before anything starts."""
         try:
-            (store.dir / "records").mkdir(parents=True, exist_ok=True)
-            (store.dir / "logs").mkdir(exist_ok=True)
-            probe = store.dir / ".write-probe"
+            (self.dir / "records").mkdir(parents=True, exist_ok=True)
+            (self.dir / "logs").mkdir(exist_ok=True)
+            probe = self.dir / ".write-probe"
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
             raise ConfigError(
-                f"store: cannot write the run directory {store.dir} ({err.strerror}); "
+                f"store: cannot write the run directory {self.dir} ({err.strerror}); "
                 "set 'store' in the config to a writable directory"
             ) from None
-        if not (store.dir / "config.yaml").exists():
-            store.save_config(cfg)
-        return store
+
+    def _exists_config(self) -> bool:
+        return (self.dir / "config.yaml").is_file()
+
+    @property
+    def _layout(self) -> str:
+        return "local" if type(self) is RunStore else "parts"
 
     @classmethod
     def open(cls, root: str | Path, run_id: str) -> RunStore:
         store = cls(root, run_id)
-        if not (store.dir / "config.yaml").is_file():
+        if not store._exists_config():
+            where = root if is_object_store(root) else local_store_path(root).resolve()
             raise ConfigError(
-                f"run {run_id!r} not found under {Path(root).resolve()} (no config.yaml); "
+                f"run {run_id!r} not found under {where} (no config.yaml); "
                 "`guided-ab runs` lists the runs in a store"
             )
+        store._check_format()
         return store
+
+    def _check_format(self) -> None:
+        """A run written by a newer guided-ab (a layout this version cannot read) is refused, never
+        half-read. Runs from before store.json existed are format 1."""
+        try:
+            meta = self.read_json(STORE_FILE, default={"format": 1})
+            fmt = int(meta.get("format", 1))
+        except (RunStateError, AttributeError, TypeError, ValueError):
+            raise ConfigError(f"{self.where(STORE_FILE)} is damaged: it should say the run's store format "
+                              f'(e.g. {{"format": {STORE_FORMAT}}})') from None
+        if fmt > STORE_FORMAT:
+            raise ConfigError(
+                f"run {self.run_id} in {self.location} was written by a newer guided-ab (store format {fmt}; this "
+                f"version reads up to {STORE_FORMAT}): upgrade guided-ab to read it (pip install -U guided-ab)"
+            )
+
+    @property
+    def location(self) -> str:
+        """Where the run is, for people: its directory, or its URL in an object store."""
+        return str(self.dir)
 
     def path(self, *parts: str) -> Path:
         return self.dir.joinpath(*parts)
+
+    def uri(self, name: str) -> str:
+        """A link to one of the run's files (file://, or the object store URL)."""
+        return self.path(name).as_uri()
+
+    def where(self, name: str) -> str:
+        """One of the run's files, for a message: its path, or its object store URL."""
+        return str(self.path(name))
+
+    # -- whole files (reports, plots): written whole, atomically -------------------------------
+    def write_bytes(self, name: str, data: bytes) -> str:
+        atomic_write_bytes(self.path(name), data)
+        return str(self.path(name))
+
+    def write_text(self, name: str, text: str) -> str:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def read_bytes(self, name: str) -> bytes:
+        """The file's bytes; FileNotFoundError if there is none."""
+        return self.path(name).read_bytes()
+
+    def read_text(self, name: str) -> str:
+        return self.read_bytes(name).decode("utf-8")
 
     # -- config --------------------------------------------------------------------------------
     def save_config(self, cfg: ExperimentConfig) -> None:
@@ -157,6 +232,9 @@ class RunStore:
 
     def _parquet_path(self, phase: str) -> Path:
         return self.path("records", f"{phase}.parquet")
+
+    def has_journal(self, phase: str) -> bool:
+        return self.journal_path(phase).is_file()
 
     def open_journal(self, phase: str) -> PhaseJournal:
         """The phase's attempt log and journal, open for appending (inside a running event loop)."""
@@ -298,13 +376,50 @@ class RunStore:
         frames = [f for f in frames if len(f)]
         return pd.concat(frames, ignore_index=True) if frames else records_frame([])
 
+    # -- server metrics ------------------------------------------------------------------------
+    def _metrics_path(self, phase: str, arm: str) -> Path:
+        return self.path("metrics", phase, f"{arm}.jsonl")
+
+    def append_metric_scrape(self, phase: str, arm: str, scrape: dict[str, Any]) -> None:
+        """One scrape of an arm's /metrics during a phase ({t, arm, values...}, or {t, arm, skipped}).
+        One write, no fsync: a scrape lost to a crash costs one point of a time series."""
+        fd = _open_appending(self._metrics_path(phase, arm))
+        try:
+            _write_all(fd, orjson.dumps(scrape) + b"\n")
+        finally:
+            os.close(fd)
+
+    def metric_scrapes(self, phase: str, *, include_skipped: bool = False) -> dict[str, list[dict]]:
+        """arm -> its scrapes of the phase in the order taken (torn or foreign lines dropped); the
+        lines saying why an arm was skipped only with `include_skipped`; {} when nothing was scraped."""
+        d = self.path("metrics", phase)
+        out: dict[str, list[dict]] = {}
+        if not d.is_dir():
+            return out
+        for p in sorted(d.glob("*.jsonl")):
+            rows = []
+            for line in p.read_bytes().splitlines():
+                try:
+                    row = orjson.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("t"), int | float) and (include_skipped or "skipped" not in row):
+                    rows.append(row)
+            if rows:
+                out[p.stem] = rows
+        return out
+
 
 def _with_record_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """A parquet written before a record column existed (e.g. `custom_id`): the column, empty."""
-    for col in RECORD_COLUMNS:
-        if col not in frame.columns:
-            frame[col] = None
-    return frame
+    """A parquet written before a record column existed (e.g. `custom_id`): the column, empty, in
+    its place (RECORD_COLUMNS' order, as a journal reads; columns this version does not know last)."""
+    missing = [col for col in RECORD_COLUMNS if col not in frame.columns]
+    if not missing:
+        return frame
+    for col in missing:
+        frame[col] = None
+    # in the records' column order (as a frame of today's records), any unknown columns after them
+    return frame[[*RECORD_COLUMNS, *(c for c in frame.columns if c not in RECORD_COLUMNS)]][[*RECORD_COLUMNS, *(c for c in frame.columns if c not in RECORD_COLUMNS)]]
 
 
 def list_runs(root: str | Path) -> list[Path]:

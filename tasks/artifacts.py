@@ -21,7 +21,7 @@ def publish_results(store: RunStore) -> list[str]:
     desc = f"run {store.run_id}: {decision['verdict']}"
     ids = [
         # report.md with the key plots inlined (data URIs): the Prefect UI shows them in the artifact
-        create_markdown_artifact(artifact_markdown(store.dir), key=f"{key}-report", description=desc),
+        create_markdown_artifact(artifact_markdown(store.dir if store.location == str(store.dir) else store), key=f"{key}-report", description=desc),
         create_table_artifact(arm_rows(evaluation), key=f"{key}-arms", description=f"per-arm results, {desc}"),
         create_table_artifact(criteria_rows(decision) or [{"criterion": "none"}], key=f"{key}-criteria", description=desc),
         create_table_artifact(
@@ -30,11 +30,10 @@ def publish_results(store: RunStore) -> list[str]:
         ),
     ]
     for name in ("report.html", "report.md", "decision.json", "evaluation.json"):
-        p = store.path(name)
-        if p.is_file():
+        if store.has(name):
             what = "the full report with plots, one self-contained file; " if name == "report.html" else ""
             ids.append(create_link_artifact(
-                p.as_uri(), link_text=f"{name} ({store.run_id})",
+                store.uri(name), link_text=f"{name} ({store.run_id})",
                 key=f"{key}-{name.replace('.', '-')}",
                 description=f"{desc}: {what}open it on the machine holding the run store (`guided-ab report {store.run_id} --open`)",
             ))

@@ -16,30 +16,35 @@ from guided_ab.reports.html import render_html
 from guided_ab.reports.markdown import plots_markdown, render_markdown
 from guided_ab.reports.model import ReportModel, build_report
 from guided_ab.reports.plots import render_all
-from guided_ab.store import RunStore, atomic_write_bytes, atomic_write_text
+from guided_ab.store import RunStore
 
 
 def write_reports(store: RunStore, cfg: ExperimentConfig, evaluation: dict[str, Any], decision: dict[str, Any]) -> None:
     """report.md, then report.html and the key-plot PNGs, then report.md with its plots section."""
     model = build_report(cfg, evaluation, decision, store.run_id)
     md = render_markdown(model)
-    atomic_write_text(store.path("report.md"), md)  # first: a failing HTML report never costs this one
+    store.write_text("report.md", md)  # first: a failing HTML report never costs this one
+    model = _with_records(store, model)
     _write_html(store, model)
-    atomic_write_text(store.path("report.md"), md + plots_markdown(store.dir))
+    # rendered again from the model with its records: the per-replica section needs them
+    store.write_text("report.md", render_markdown(model) + plots_markdown(store.has))
 
 
 def write_html_report(store: RunStore, cfg: ExperimentConfig, evaluation: dict[str, Any], decision: dict[str, Any]) -> Path:
     """Write report.html (and the key-plot PNGs) into the run directory; returns the HTML path."""
-    return _write_html(store, build_report(cfg, evaluation, decision, store.run_id))
+    return _write_html(store, _with_records(store, build_report(cfg, evaluation, decision, store.run_id)))
+
+
+def _with_records(store: RunStore, model: ReportModel) -> ReportModel:
+    return model.with_records(store.records(), store.read_json("teardown.json", default={"arms": []}))
 
 
 def _write_html(store: RunStore, model: ReportModel) -> Path:
-    model = model.with_records(store.records(), store.read_json("teardown.json", default={"arms": []}))
+    """report.html and the key-plot PNGs of a model that has its records (_with_records)."""
     plots = render_all(model)
     page = render_html(model, plots)
     for r in plots.values():
         if r.png is not None and r.plot.png:
-            atomic_write_bytes(store.path(r.plot.png), r.png)
-    out = store.path("report.html")
-    atomic_write_text(out, page)
-    return out
+            store.write_bytes(r.plot.png, r.png)  # through the store: a local directory or an object store
+    store.write_text("report.html", page)
+    return store.path("report.html") if store.location == str(store.dir) else Path("report.html")
