@@ -101,7 +101,7 @@ def _ensure_state(cfg: ExperimentConfig, store: RunStore) -> dict[str, Any]:
 
 
 def _usd_per_hour(store: RunStore) -> float:
-    return sum(ep.cost_per_hour for ep in phases.load_endpoints(store, missing_ok=True).values())
+    return sum(ep.cost_per_hour for ep in phases.load_endpoints(store, missing_ok=True, anywhere=True).values())
 
 
 def _look_spend(store: RunStore, look: Look, usd_per_hour: float) -> float:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from guided_ab.arms import modal as modal_target
-from guided_ab.arms.base import Endpoint
+from guided_ab.arms.base import Endpoint, resolve_key
 from guided_ab.arms.targets import start_arm, stop_endpoint, wait_arm
 from guided_ab.arms.vllm_args import ATTRIBUTION_MIDDLEWARE, CLI_MODULE, SERVED_MODEL_NAME, SERVER_MODULE, server_args, server_env
 from guided_ab.config import Arm, ConfigError, ExperimentConfig, ModalSettings, load_config
@@ -283,7 +283,7 @@ def test_vllm_arguments_are_identical_for_local_and_modal(backend, tmp_path, mon
 
 # -- the fake of the thin SDK layer ------------------------------------------------------------
 class FakeModal:
-    """Stands in for modal_target.ModalSDK: the same five methods, state in memory."""
+    """Stands in for modal_target.ModalSDK: the same methods, state in memory."""
 
     def __init__(self, workspace: str = "ws"):
         self.workspace = workspace
@@ -291,6 +291,7 @@ class FakeModal:
         self.deployed: list[tuple[object, str]] = []
         self.stop_calls: list[str] = []
         self.fail_deploy: Exception | None = None
+        self.secrets: dict[str, dict[str, str]] = {}  # name -> values, as modal.Secret holds them
 
     def deploy_app(self, app, name):
         if self.fail_deploy:
@@ -317,6 +318,12 @@ class FakeModal:
 
     def list_apps(self):
         return list(self.apps.values())
+
+    def put_secret(self, name, values):
+        self.secrets[name] = dict(values)
+
+    def delete_secret(self, name):
+        self.secrets.pop(name, None)
 
 
 @pytest.fixture()
@@ -349,7 +356,7 @@ def test_deploy_builds_the_arm_app_and_returns_its_endpoint(fake, store, api_key
     assert ep.target == "modal" and ep.app_name == name
     assert ep.base_url == f"https://ws--{name}-serve.modal.run"
     assert ep.model == SERVED_MODEL_NAME and ep.backend == "auto"
-    assert ep.key_ref == "env:GUIDED_AB_MODAL_API_KEY" and "test-key" not in ep.model_dump_json()
+    assert ep.key_ref == f"derived:GUIDED_AB_MODAL_API_KEY:{store.run_id}/auto" and "test-key" not in ep.model_dump_json()
     s = arm.modal  # GPUs + the CPU cores and memory the container requests (held warm throughout)
     assert ep.cost_per_hour == pytest.approx(3.95 * 4 + s.cpu * s.cpu_cost_per_core_hour + s.memory_gib * s.memory_cost_per_gib_hour)
     assert ep.started_at and abs(ep.started_at - time.time()) < 60
@@ -642,7 +649,7 @@ def test_live_tiny_arm_on_modal(tmp_path, monkeypatch):
                   "required": ["name", "age"], "additionalProperties": False}
         r = httpx.post(
             ep.base_url + "/v1/chat/completions", timeout=300,
-            headers={"Authorization": f"Bearer {key}"},
+            headers={"Authorization": f"Bearer {resolve_key(ep.key_ref)}"},  # the run's own key, derived from `key`
             json={"model": ep.model, "max_tokens": 64, "temperature": 0,
                   "messages": [{"role": "user", "content": "A person named Ada, 36 years old, as JSON."}],
                   "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}},

@@ -7,11 +7,16 @@ looked-up) arm is: where it answers and how to reach it.
 
 API keys never enter the run store: an Endpoint names where its key lives (`key_ref`), and the
 key itself is read only when a request is sent. Per-run keys of local servers live in the
-state directory (outside the run store) with mode 0600.
+state directory (outside the run store) with mode 0600. Per-run keys of remote servers (Modal
+arms) are derived from a team key by the run id (`derived_key`): a phase on any machine that
+has the team key finds the run's key, and nothing has to travel with the run.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import os
 import secrets
 from collections.abc import Callable, Collection, Mapping
@@ -44,7 +49,7 @@ class Endpoint(BaseModel):
     base_url: str  # ends before /v1
     model: str  # the model name requests must carry
     backend: str  # the configured structured-output backend
-    key_ref: str | None = None  # "file:<path>" or "env:<NAME>"; None = no key
+    key_ref: str | None = None  # "file:<path>", "env:<NAME>" or "derived:<NAME>:<scope>"; None = no key
     started_at: float | None = None  # when this run started it (None: not started by this run)
     pid: int | None = None
     port: int | None = None
@@ -54,6 +59,9 @@ class Endpoint(BaseModel):
     vllm_version: str | None = None
     log_path: str | None = None
     cost_per_hour: float = 0.0
+    # machine-local servers (local arms): the machine that started them, which alone can reach and
+    # stop them (arms/targets.py refuses a phase for them elsewhere); None for remote endpoints
+    host: str | None = None
 
 
 def new_key_file(run_id: str, arm: str) -> str:
@@ -67,10 +75,27 @@ def new_key_file(run_id: str, arm: str) -> str:
     return f"file:{p}"
 
 
+def derived_key(team_key: str, scope: str) -> str:
+    """The key of one scope (`<run id>/<arm>`) derived from a team's key: HMAC-SHA256 (the
+    standard library's; one HKDF-expand block), so knowing a run's key tells nothing of the team
+    key or of another run's key, and every machine with the team key derives the same one."""
+    digest = hmac.new(team_key.encode(), f"guided-ab/{scope}".encode(), hashlib.sha256).digest()
+    return "gab-" + base64.urlsafe_b64encode(digest).decode().rstrip("=")
+
+
+def derived_key_ref(team_key_env: str, scope: str) -> str:
+    """key_ref of a key derived from the team key in variable `team_key_env` for `scope`."""
+    return f"derived:{team_key_env}:{scope}"
+
+
 def resolve_key(key_ref: str | None) -> str | None:
     if not key_ref:
         return None
     kind, _, where = key_ref.partition(":")
+    if kind == "derived":  # "derived:<TEAM_KEY_VARIABLE>:<run id>/<arm>"
+        env, _, scope = where.partition(":")
+        if env and scope:
+            return derived_key(resolve_key(f"env:{env}") or "", scope)  # an unset variable: ConfigError
     if kind == "env":
         value = os.environ.get(where)
         if not value:

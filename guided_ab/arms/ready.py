@@ -30,6 +30,9 @@ def log_tail(path: str | None, lines: int = 20) -> str:
 
 def _key_hint(ep: Endpoint) -> str:
     kind, _, where = (ep.key_ref or "").partition(":")
+    if kind == "derived":  # a per-run key (arms/base.py derived_key): the team key here differs from deploy's
+        return (f"check the key variable {where.partition(':')[0]}: the run's key is derived from it, and it must be "
+                "the one the deploy phase had")
     return f"check the key variable {where}" if kind == "env" else "check the key variable"
 
 
