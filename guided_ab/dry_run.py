@@ -7,11 +7,13 @@ and cost from stated assumptions (by default the seed's ~14 s per request).
 Cost model: every arm this run starts is held from deploy to teardown, i.e. its start-up plus
 the observe and A/B phases (the phases run one after the other; within a phase
 `workload.concurrency` requests are in flight across all arms). The arms start and are waited
-for at once, and a Modal arm's container is kept warm (min_containers=1) for all that time, so
-it is billed for all of it. Held hours times the arm's $/h (Modal: GPUs x GPU $/h + CPU cores x
-core $/h + memory GiB x GiB $/h, list prices in the config; local/external: the arm's
-cost_per_hour) is its cost, the same formula the teardown records with the measured held time;
-`guided-ab cost --run-id` puts what Modal billed beside it.
+for at once, and a Modal arm's containers are kept warm (`modal.replicas.min_containers`, by
+default one) for all that time, so they are billed for all of it. Held hours times the arm's $/h
+(Modal: warm containers x (GPUs x GPU $/h + CPU cores x core $/h + memory GiB x GiB $/h), list
+prices in the config; local/external: the arm's cost_per_hour) is its cost, the same formula the
+teardown records with the measured held time; `guided-ab cost --run-id` puts what Modal billed
+beside it. Containers Modal's autoscaler adds under load (up to max_containers) are not
+foreseeable: the plan states the most they could cost.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import math
 from dataclasses import dataclass
 
 from guided_ab.arms.targets import target_for
-from guided_ab.config import ExperimentConfig, TargetKind
+from guided_ab.config import ExperimentConfig, LoadProfile, TargetKind
+from guided_ab.load.arrivals import planned_pairs
 
 SEED_LATENCY_S = 14.0  # the seed's average end-to-end latency per structured request
 MODAL_STARTUP_S = 600.0  # assumed cold start of a Modal arm: container, weights from the Volume, vLLM load
@@ -112,9 +115,16 @@ def plan_experiment(
     seq = cfg.decision.sequential
     # a sequential A/B sends looks until it settles: at most max_pairs (the plan shows the most)
     ab_n = (seq.max_pairs if seq else wl.size * wl.repeats) if "ab" in phases else 0
+    # an open-loop phase sends the pairs its load profile pre-registered (count or duration_s)
+    observe_n = (planned_pairs(wl.load.observe, wl.seed, "observe") or observe_n) if observe_n else 0
+    ab_n = (planned_pairs(wl.load.ab, wl.seed, "ab") or ab_n) if ab_n else 0
     n_candidates = len(cfg.candidates)
     observe_s = _phase_s(observe_n * n_candidates, wl.concurrency, latency_s)
     ab_s = _phase_s((warmup_n + ab_n) * len(cfg.arms), wl.concurrency, latency_s)
+    if wl.load.observe.open_loop and wl.load.observe.rate and observe_n:  # arrivals at the rate, + the last answer
+        observe_s = observe_n / wl.load.observe.rate + latency_s
+    if wl.load.ab.open_loop and wl.load.ab.rate and ab_n:
+        ab_s = (warmup_n + ab_n) / wl.load.ab.rate + latency_s
     # assumed start-up per target kind; without a deploy phase this run starts nothing
     startups = {"modal": modal_startup_s, "local": local_startup_s} if "deploy" in phases else {}
     arms = []
@@ -134,6 +144,17 @@ def plan_experiment(
     )
 
 
+def _load_line(phase: str, load: LoadProfile, pairs: int, concurrency: int, per_look: bool) -> str:
+    """What a phase's load profile will send (workload.load)."""
+    if not load.open_loop:
+        return f"  {phase} load: closed loop, {concurrency} requests in flight (the next sent when one returns)"
+    kind = "Poisson arrivals (exponential gaps, seeded)" if load.profile == "poisson" else "evenly spaced arrivals"
+    what = ("each look's pairs on its own schedule" if per_look else
+            f"{pairs} pairs" + (f" (the schedule's arrivals in {load.duration_s:g} s)" if load.duration_s else ""))
+    return (f"  {phase} load: open loop, {kind} at {load.rate:g}/s per arm, both arms of a pair at one instant; "
+            f"{what}, warm-ups first; at most {load.max_in_flight} in flight, a late send recorded with its lag")
+
+
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min"
 
@@ -141,6 +162,20 @@ def _minutes(seconds: float) -> str:
 def _table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+
+
+def _autoscaling_lines(cfg: ExperimentConfig, p: ExperimentPlan) -> list[str]:
+    """Modal arms that may run more containers than the estimate counts: the most that could cost
+    (every container up for the whole time the arm is held)."""
+    out = []
+    for a in p.arms:
+        s = cfg.arm(a.arm).modal
+        if a.target == "modal" and s.replicas.max_containers > s.warm_containers:
+            out.append(f"  {a.arm}: {s.warm_containers} warm container(s) counted; with all {s.replicas.max_containers} "
+                       f"(max_containers) up all the time: ${a.held_s / 3600 * s.max_cost_per_hour:.2f}")
+    if out:
+        out.insert(0, "  Modal autoscaling (replicas): the estimate counts the warm containers (min_containers);")
+    return out
 
 
 def describe_plan(
@@ -166,6 +201,8 @@ def describe_plan(
         ab_line,
         f"  {wl.observe_size} observe-only to each candidate, {wl.warmup} warm-up per arm, "
         f"concurrency {wl.concurrency}",
+        *[_load_line(phase, getattr(wl.load, phase), n, wl.concurrency, bool(seq) and phase == "ab")
+          for phase, n in (("observe", max(a.observe for a in p.arms)), ("ab", p.arms[0].ab)) if phase in p.phases],
         "",
         "arms:",
     ]
@@ -202,6 +239,7 @@ def describe_plan(
             "  if every Modal start takes its whole startup timeout (a first start",
             f"  downloads the weights): ${p.slow_start_cost_usd:.2f}",
         ]
+    lines += _autoscaling_lines(cfg, p)
     lines += [
         "Teardown stops every app this run started; the recorded cost uses the held time.",
         f"App names are shown for a run id like {p.run_id}.",

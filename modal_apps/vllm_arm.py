@@ -10,6 +10,11 @@ The server command comes from guided_ab.arms.vllm_args.server_args / server_env,
 local target uses too, so an arm's vLLM flags are the same on both targets; the container adds
 only what is Modal-specific (`modal_extra_args`: revision, max model length, tensor parallel).
 
+How many containers serve the arm is the arm's `modal.replicas` (min_containers, max_containers,
+and the autoscaler's target_inputs per container), deploy-time settings of the function, the same
+in every container. Each container runs its own vLLM server; the attribution middleware names
+the container (MODAL_TASK_ID) in every answer, so the records say which one served a request.
+
 By hand (same app, parameters from the environment; see docs/modal.md):
 
     GUIDED_AB_MODAL_BACKEND=auto GUIDED_AB_MODAL_MODEL=Qwen/Qwen2.5-0.5B-Instruct \\
@@ -30,7 +35,7 @@ from dataclasses import dataclass
 import modal
 
 from guided_ab.arms.vllm_args import cli_works_here, server_args, server_command, server_env
-from guided_ab.config import Arm, ModalSettings
+from guided_ab.config import Arm, ModalReplicas, ModalSettings
 
 # The official CUDA build of vLLM, pinned: results are only comparable within one version.
 VLLM_VERSION = "0.32.0"
@@ -46,15 +51,17 @@ VLLM_CACHE_VOLUME = "guided-ab-vllm-cache"
 SOURCE_ROOT = "/root"  # where Modal puts local Python sources (guided_ab, modal_apps)
 # Longest single request (a web function's input) before Modal cancels it.
 REQUEST_TIMEOUT_S = 30 * 60
-# One container per arm, held warm from deploy to teardown: min_containers=1 starts it at deploy
-# (not at the first request) and keeps it however long the other arm takes to start or the
-# pipeline waits between phases; max_containers=1: autoscaling would blur the comparison.
-MIN_CONTAINERS = 1
-MAX_CONTAINERS = 1
+# The default: one container per arm, held warm from deploy to teardown: min_containers=1 starts
+# it at deploy (not at the first request) and keeps it however long the other arm takes to start
+# or the pipeline waits between phases; max_containers=1: autoscaling would blur the comparison.
+# An arm's `modal.replicas` changes both (config.ModalReplicas says when that is worth it).
+MIN_CONTAINERS = ModalReplicas().min_containers
+MAX_CONTAINERS = ModalReplicas().max_containers
 
 # Baked into the image: what the container reads back when it imports this module.
 ENV_ARM = "GUIDED_AB_ARM"  # the Arm as JSON
 ENV_APP_NAME = "GUIDED_AB_APP_NAME"
+ENV_RUN_KEY_SECRET = "GUIDED_AB_RUN_KEY_SECRET"  # the modal.Secret with the run's own VLLM_API_KEY
 # Read only on the deploying machine, for `modal deploy -m modal_apps.vllm_arm` by hand:
 # each overrides one field of the arm (or of the default arm when GUIDED_AB_ARM is unset).
 OVERRIDES = {
@@ -66,6 +73,9 @@ OVERRIDES = {
     "GUIDED_AB_MODAL_GPU": "GPU type",
     "GUIDED_AB_MODAL_GPU_COUNT": "GPU count = tensor parallel size",
     "GUIDED_AB_MODAL_SERVER_ARGS": "extra vLLM arguments (shell words)",
+    "GUIDED_AB_MODAL_MIN_CONTAINERS": "containers kept warm (replicas.min_containers)",
+    "GUIDED_AB_MODAL_MAX_CONTAINERS": "most containers under load (replicas.max_containers)",
+    "GUIDED_AB_MODAL_TARGET_INPUTS": "requests per container the autoscaler aims at (replicas.target_inputs)",
 }
 DEFAULT_APP_NAME = "guided-ab-vllm-arm"
 DEFAULT_ARM = Arm(
@@ -82,20 +92,36 @@ class ArmSpec:
     arm: Arm
     app_name: str
     tags: Mapping[str, str] | None = None
-    # containers kept warm (deploy-time only, not baked into the image): 1 for an experiment's arm;
-    # 0 for phase 3's live control, scaled to zero between monitoring runs (guided_ab/promote.py)
-    min_containers: int = MIN_CONTAINERS
+    # containers kept warm, when not the arm's own replicas.min_containers (deploy-time only, not
+    # baked into the image): 0 for phase 3's live control, scaled to zero between monitoring runs
+    # (guided_ab/promote.py)
+    min_containers: int | None = None
+    # an experiment's app: the modal.Secret holding the run's own key (guided_ab/arms/modal.py),
+    # mounted after the arm's `modal.api_key_secret` (which keeps e.g. HF_TOKEN), so its
+    # VLLM_API_KEY wins; None: the arm's secret alone (phase 3's production apps, a by-hand deploy)
+    run_key_secret: str | None = None
+
+    @property
+    def replicas(self) -> ModalReplicas:
+        """The autoscaler settings the app's function is deployed with: the arm's `modal.replicas`,
+        with min_containers overridden where the spec says so."""
+        r = self.arm.modal.replicas
+        if self.min_containers is None:
+            return r
+        return ModalReplicas(**{**r.model_dump(), "min_containers": min(self.min_containers, r.max_containers)})
 
     def environment(self) -> dict[str, str]:
         """The variables baked into the image, from which the container rebuilds this spec."""
-        return {ENV_ARM: self.arm.model_dump_json(), ENV_APP_NAME: self.app_name}
+        return {ENV_ARM: self.arm.model_dump_json(), ENV_APP_NAME: self.app_name,
+                **({ENV_RUN_KEY_SECRET: self.run_key_secret} if self.run_key_secret else {})}
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> ArmSpec:
         """The spec a container (or a by-hand deploy) reads from its environment."""
         arm = Arm.model_validate_json(env[ENV_ARM]) if env.get(ENV_ARM) else DEFAULT_ARM
         arm = _apply_overrides(arm, env)
-        return cls(arm=arm, app_name=env.get("GUIDED_AB_MODAL_APP_NAME") or env.get(ENV_APP_NAME) or DEFAULT_APP_NAME)
+        return cls(arm=arm, app_name=env.get("GUIDED_AB_MODAL_APP_NAME") or env.get(ENV_APP_NAME) or DEFAULT_APP_NAME,
+                   run_key_secret=env.get(ENV_RUN_KEY_SECRET) or None)
 
 
 def _apply_overrides(arm: Arm, env: Mapping[str, str]) -> Arm:
@@ -115,6 +141,10 @@ def _apply_overrides(arm: Arm, env: Mapping[str, str]) -> Arm:
         modal_data["gpu"] = env["GUIDED_AB_MODAL_GPU"]
     if env.get("GUIDED_AB_MODAL_GPU_COUNT"):
         modal_data["gpu_count"] = int(env["GUIDED_AB_MODAL_GPU_COUNT"])
+    for var, field in (("GUIDED_AB_MODAL_MIN_CONTAINERS", "min_containers"), ("GUIDED_AB_MODAL_MAX_CONTAINERS", "max_containers"),
+                       ("GUIDED_AB_MODAL_TARGET_INPUTS", "target_inputs")):
+        if env.get(var):
+            modal_data["replicas"][field] = int(env[var])
     return Arm.model_validate(data)
 
 
@@ -179,8 +209,9 @@ def build_image(spec: ArmSpec) -> modal.Image:
 
 
 def build_arm_app(spec: ArmSpec) -> tuple[modal.App, modal.Function]:
-    """The app of one arm and its web function: vLLM's server on port 8000 of a GPU container."""
-    s = spec.arm.modal
+    """The app of one arm and its web function: vLLM's server on port 8000 of GPU containers
+    (one by default; `modal.replicas` lets Modal's autoscaler run more, each its own vLLM server)."""
+    s, replicas = spec.arm.modal, spec.replicas
     app = modal.App(
         spec.app_name,
         tags={"guided-ab-arm": spec.arm.name, "guided-ab-backend": spec.arm.backend, **(spec.tags or {})},
@@ -193,15 +224,16 @@ def build_arm_app(spec: ArmSpec) -> tuple[modal.App, modal.Function]:
             HF_CACHE_DIR: modal.Volume.from_name(HF_CACHE_VOLUME, create_if_missing=True),
             VLLM_CACHE_DIR: modal.Volume.from_name(VLLM_CACHE_VOLUME, create_if_missing=True),
         },
-        secrets=[modal.Secret.from_name(s.api_key_secret, required_keys=["VLLM_API_KEY"])],
+        secrets=[modal.Secret.from_name(s.api_key_secret, required_keys=[] if spec.run_key_secret else ["VLLM_API_KEY"]),
+                 *([modal.Secret.from_name(spec.run_key_secret, required_keys=["VLLM_API_KEY"])] if spec.run_key_secret else [])],
         cpu=s.cpu,
         memory=s.memory_gib * 1024,  # MiB
-        min_containers=spec.min_containers,
-        max_containers=MAX_CONTAINERS,
+        min_containers=replicas.min_containers,
+        max_containers=replicas.max_containers,
         scaledown_window=s.scaledown_window_s,
         startup_timeout=s.startup_timeout_s,
         timeout=REQUEST_TIMEOUT_S,
-    )(modal.concurrent(max_inputs=s.max_concurrent_inputs)(web))
+    )(modal.concurrent(max_inputs=s.max_concurrent_inputs, target_inputs=replicas.target_inputs)(web))
     return app, function
 
 

@@ -4,13 +4,19 @@ The app is modal_apps/vllm_arm.py (image pinned to a vLLM release, HF/vLLM cache
 type and count, the API key from a modal.Secret, the attribution middleware). This module
 deploys it from code, finds its URL, waits through cold starts, stops it, and reaps leftovers.
 
-Every call into Modal goes through `ModalSDK`, a thin layer of eight methods; tests replace it
+Every call into Modal goes through `ModalSDK`, a thin layer of a few methods; tests replace it
 with `use_sdk(fake)` and run the rest of this module for real. Nothing here imports `modal`
 at module level: planning and dry runs work without the optional `modal` package.
 
-The API key: the container reads VLLM_API_KEY from the modal.Secret named in the arm's
-`modal.api_key_secret`; this side reads the same key from GUIDED_AB_MODAL_API_KEY when it
-sends a request (Endpoint.key_ref = "env:GUIDED_AB_MODAL_API_KEY"). Keys never enter the store.
+The API key: each arm of each run has its own, derived from the team key in
+GUIDED_AB_MODAL_API_KEY by the run id and arm (arms/base.py derived_key). Deploy puts it in a
+modal.Secret named like the arm's app (`gab-<experiment>-<run>-<arm>`), which the container
+mounts after the team's `modal.api_key_secret` (HF_TOKEN and the like stay there), so its
+VLLM_API_KEY is the one vLLM checks; teardown and the reaper delete that secret with the app, so a run's key
+stops working with the run. The sending side derives the same key when it sends a request
+(Endpoint.key_ref = "derived:GUIDED_AB_MODAL_API_KEY:<run id>/<arm>"), on whatever machine the
+phase runs: nothing but the team key has to be there, and keys never enter the store.
+(Phase 3's production apps keep the team's own secret, `modal.api_key_secret`: guided_ab/promote.py.)
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from guided_ab.arms.base import Endpoint, Log, StartEstimate, Target
+from guided_ab.arms.base import Endpoint, Log, StartEstimate, Target, derived_key, derived_key_ref
 from guided_ab.arms.local_model import EMBEDDED_MODEL
 from guided_ab.arms.ready import wait_until_ready
 from guided_ab.arms.vllm_args import SERVED_MODEL_NAME
@@ -109,6 +115,22 @@ class ModalSDK:
         except NotFoundError:
             return None
         return AppSummary(name, info.lifecycle.created_at.timestamp(), _state(info.lifecycle.state))
+
+    def put_secret(self, name: str, values: dict[str, str]) -> None:
+        """Create the named modal.Secret with `values`, or overwrite them if it exists."""
+        import modal
+        from modal.exception import AlreadyExistsError
+
+        try:
+            modal.Secret.objects.create(name, values, environment_name=self.environment_name)
+        except AlreadyExistsError:
+            modal.Secret.from_name(name, environment_name=self.environment_name).update(values)
+
+    def delete_secret(self, name: str) -> None:
+        """Delete the named modal.Secret; nothing if there is none."""
+        import modal
+
+        modal.Secret.objects.delete(name, allow_missing=True, environment_name=self.environment_name)
 
     def stop_app(self, name: str) -> bool:
         """Stop the deployed app of that name. False if there was none (already stopped or never deployed)."""
@@ -229,8 +251,23 @@ def app_name(experiment: str, arm: str, run_id: str) -> str:
 
 
 def cost_per_hour(arm: Arm) -> float:
-    """USD per hour while the arm's app is held (warm from deploy to teardown): GPUs, CPU, memory."""
-    return arm.modal.cost_per_hour
+    """USD per hour while the arm's app is held (warm from deploy to teardown): GPUs, CPU, memory
+    of each warm container (replicas.min_containers, at least one). Containers the autoscaler adds
+    under load are not foreseeable here: `guided-ab cost --run-id` shows what Modal billed."""
+    return arm.modal.warm_cost_per_hour
+
+
+def replicas_line(arm: Arm) -> str:
+    """How many containers serve the arm, and what that costs (the dry run's description)."""
+    s = arm.modal
+    r = s.replicas
+    warm = (f"{r.min_containers} held warm from deploy to teardown (min_containers)" if r.min_containers
+            else "none held warm (min_containers=0: scales to zero when idle; one counted while the arm is held)")
+    if r.max_containers == s.warm_containers:
+        return f"    containers: {warm}, at most {r.max_containers} (max_containers): no autoscaling"
+    target = f", autoscaler target {r.target_inputs} inputs per container" if r.target_inputs else ""
+    return (f"    containers: {warm}, up to {r.max_containers} under load (max_containers{target}): "
+            f"${s.warm_cost_per_hour:.2f}/h counted, up to ${s.max_cost_per_hour:.2f}/h with all {r.max_containers} up")
 
 
 def tag_value(text: str) -> str:
@@ -263,9 +300,21 @@ def check_arm(arm: Arm) -> None:
         )
     if not os.environ.get(API_KEY_ENV):
         raise ConfigError(
-            f"arm '{arm.name}': export {API_KEY_ENV} with the same key as VLLM_API_KEY in the Modal secret "
-            f"'{arm.modal.api_key_secret}' (modal secret create {arm.modal.api_key_secret} VLLM_API_KEY=...)"
+            f"arm '{arm.name}': export {API_KEY_ENV}, the team's key (each run's arms get keys derived from it; "
+            f"production apps use it as VLLM_API_KEY in the Modal secret '{arm.modal.api_key_secret}': "
+            f"modal secret create {arm.modal.api_key_secret} VLLM_API_KEY=...), or keep it in the Prefect Secret "
+            "block guided-ab-modal-api-key"
         )
+
+
+def run_key_scope(run_id: str, arm: str) -> str:
+    """What an arm's per-run key is derived for."""
+    return f"{run_id}/{arm}"
+
+
+def run_secret_name(app: str) -> str:
+    """The modal.Secret holding an arm's per-run key: named like its app (which names the run)."""
+    return app
 
 
 def deploy(arm: Arm, store: RunStore) -> Endpoint:
@@ -286,7 +335,11 @@ def deploy(arm: Arm, store: RunStore) -> Endpoint:
             started = existing.created_at
         else:
             started = time.time()
-            spec = ArmSpec(arm=arm, app_name=name, tags=app_tags(store.run_id, arm.name))
+            # the run's own key, in a secret named by the run, mounted after the team's (whose
+            # VLLM_API_KEY it overrides; its HF_TOKEN still reaches the container)
+            key = derived_key(os.environ[API_KEY_ENV], run_key_scope(store.run_id, arm.name))
+            layer.put_secret(run_secret_name(name), {"VLLM_API_KEY": key})
+            spec = ArmSpec(arm=arm, app_name=name, tags=app_tags(store.run_id, arm.name), run_key_secret=run_secret_name(name))
             url = layer.deploy_app(build_app(spec), name)
     except (ModalTargetError, ConfigError):
         raise
@@ -298,8 +351,8 @@ def deploy(arm: Arm, store: RunStore) -> Endpoint:
         ) from err
     return Endpoint(
         run_id=store.run_id, arm=arm.name, target="modal", base_url=url.rstrip("/").removesuffix("/v1"),
-        model=SERVED_MODEL_NAME, backend=arm.backend, key_ref=f"env:{API_KEY_ENV}", started_at=started,
-        app_name=name, vllm_version=VLLM_VERSION, cost_per_hour=cost_per_hour(arm),
+        model=SERVED_MODEL_NAME, backend=arm.backend, key_ref=derived_key_ref(API_KEY_ENV, run_key_scope(store.run_id, arm.name)),
+        started_at=started, app_name=name, vllm_version=VLLM_VERSION, cost_per_hour=cost_per_hour(arm),
     )
 
 
@@ -329,7 +382,11 @@ def stop(ep: Endpoint) -> bool:
     """Stop the arm's app. True if it was running; False if it was already stopped or gone."""
     if not ep.app_name:
         return False
-    return sdk().stop_app(ep.app_name)
+    layer = sdk()
+    stopped = layer.stop_app(ep.app_name)
+    if (ep.key_ref or "").startswith("derived:"):  # the run's own secret (never the team's): its key dies with the run
+        layer.delete_secret(run_secret_name(ep.app_name))
+    return stopped
 
 
 def reap(prefix: str = APP_PREFIX, older_than_s: float = 0.0, *, now: float | None = None,
@@ -350,6 +407,7 @@ def reap(prefix: str = APP_PREFIX, older_than_s: float = 0.0, *, now: float | No
             continue  # its run is still going: its own teardown stops it
         if layer.stop_app(app.name):
             stopped.append(app.name)
+        layer.delete_secret(run_secret_name(app.name))  # the crashed run's per-run key, named like its app
     return stopped
 
 
@@ -396,10 +454,11 @@ class ModalTarget:
         s = arm.modal
         return [
             f"    GPU: {s.gpu} x {s.gpu_count} (tensor parallel {s.gpu_count}), ${s.gpu_cost_per_hour:.2f} per GPU-hour",
-            f"    CPU {s.cpu:g} cores, {s.memory_gib} GiB (${s.cpu * s.cpu_cost_per_core_hour + s.memory_gib * s.memory_cost_per_gib_hour:.2f}/h); "
-            f"held warm from deploy to teardown (min_containers=1)",
+            f"    CPU {s.cpu:g} cores, {s.memory_gib} GiB (${s.cpu * s.cpu_cost_per_core_hour + s.memory_gib * s.memory_cost_per_gib_hour:.2f}/h) "
+            "per container",
+            replicas_line(arm),
             f"    startup timeout {s.startup_timeout_s} s, scale-down {s.scaledown_window_s} s, "
-            f"{s.max_concurrent_inputs} concurrent inputs",
+            f"{s.max_concurrent_inputs} concurrent inputs per container",
         ]
 
 

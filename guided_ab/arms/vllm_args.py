@@ -29,6 +29,8 @@ sys.exit(0 if ok else 1)
 """
 ATTRIBUTION_MIDDLEWARE = "guided_ab.in_server.attribution.BackendAttributionMiddleware"
 ATTRIBUTION_HEADER = "x-guided-ab-backend"
+# the container that served a request (the same middleware sets it: MODAL_TASK_ID, else hostname:pid)
+SERVED_BY_HEADER = "x-guided-ab-served-by"
 # The served model name every target uses, so requests need not know the checkpoint path.
 SERVED_MODEL_NAME = "guided-ab-model"
 

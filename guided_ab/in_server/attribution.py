@@ -6,6 +6,9 @@ resolution for each chat/completions request (SamplingParams' structured-output 
 with the engine's model config, structured-outputs config and tokenizer) and answers with the
 result in the `x-guided-ab-backend` response header. Running inside the serving process keeps
 it faithful to the exact vLLM version under test; nothing here re-implements the selection.
+Every answer to those requests also names the container that served it (`x-guided-ab-served-by`:
+Modal's MODAL_TASK_ID, else hostname:pid), so an arm served by several replicas can be compared
+container by container.
 
 Imports only the standard library and vllm: the server's virtualenv has neither Prefect nor
 the rest of guided_ab's dependencies.
@@ -19,9 +22,14 @@ import json
 import logging
 import os
 import re
+import socket
 from typing import Any
 
 HEADER = b"x-guided-ab-backend"  # keep in sync with guided_ab.arms.vllm_args.ATTRIBUTION_HEADER
+# Which container (which server process) answered: with Modal replicas an arm is several
+# containers, and a slow one must be seen in the records. Keep in sync with
+# guided_ab.arms.vllm_args.SERVED_BY_HEADER.
+SERVED_BY_HEADER = b"x-guided-ab-served-by"
 
 # Refusals that are the workload's, not a grammar's (guided_ab.load.classify reads the same
 # patterns): vLLM 0.32 says "This model's maximum context length is 4096 tokens. However, your
@@ -94,6 +102,17 @@ def requested_schema(body: dict[str, Any]) -> dict | str | None:
     return None
 
 
+def served_by(environ: Any = None) -> str:
+    """The container serving this process: Modal's MODAL_TASK_ID (the container's id, set by
+    Modal in every container and inherited by the vLLM server process), else hostname:pid (a
+    local or self-hosted server; vLLM's API server processes differ by pid)."""
+    env = os.environ if environ is None else environ
+    task = env.get("MODAL_TASK_ID")
+    if task:
+        return str(task)
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _engine(app: Any) -> Any:
     state = getattr(app, "state", None)
     return getattr(state, "engine_client", None)
@@ -142,6 +161,8 @@ def _auto_fallback(schema: dict | str) -> str:
 class BackendAttributionMiddleware:
     def __init__(self, app: Any):
         self.app = app
+        # once per server process (the middleware is built in the process that serves)
+        self.served_by = served_by().encode("utf-8", "replace")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope.get("type") != "http" or scope.get("method") != "POST" or scope.get("path") not in PATHS:
@@ -181,8 +202,13 @@ class BackendAttributionMiddleware:
         def with_header(msg: dict) -> dict:
             return {**msg, "headers": [*msg.get("headers", []), (HEADER, str(backend).encode())]}
 
+        def with_served_by(msg: dict) -> dict:
+            return {**msg, "headers": [*msg.get("headers", []), (SERVED_BY_HEADER, self.served_by)]}
+
         async def send_with_header(msg: dict) -> None:
             nonlocal held
+            if msg["type"] == "http.response.start":
+                msg = with_served_by(msg)  # on every answer, refusals and errors included
             if backend and msg["type"] == "http.response.start":
                 if int(msg.get("status", 200)) in PARAMETER_STATUSES:
                     held = msg  # sent with the first body chunk

@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER
+from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER, SERVED_BY_HEADER
 from guided_ab.redact import redact, redact_bytes
 
 _loads = orjson.loads  # ~5x faster than json for the many small SSE events of a stream
@@ -52,6 +52,7 @@ class RawResponse:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     backend: str | None = None
+    served_by: str | None = None  # the container that answered (SERVED_BY_HEADER; None without an answer)
     # transport-level failure: "timeout" | "connection_error" | "protocol" (garbage from the server)
     failure: str | None = None
     error: str | None = None
@@ -162,16 +163,23 @@ class _Sent:
     """When the request went out: set by a trace hook right before the body (and the headers
     buffered with it) is written to the connection."""
 
-    __slots__ = ("perf", "wall")
+    __slots__ = ("perf", "wall", "not_before")
 
-    def __init__(self) -> None:
+    def __init__(self, not_before: float | None = None) -> None:
         self.perf: float | None = None
         self.wall: float | None = None
+        self.not_before = not_before  # time.perf_counter() instant the body may go out (send_chat's)
 
 
 async def _on_chunk_sent(session: Any, ctx: Any, params: Any) -> None:
     sent = ctx.trace_request_ctx
     if isinstance(sent, _Sent) and sent.perf is None:
+        # an open loop's arrival, prepared ahead (request built, connection taken): it waits
+        # here, right before the write, for its scheduled instant. The loop's timers fire on
+        # millisecond ticks (uvloop), which would send the arrivals of one millisecond together:
+        # the timer wakes it about a millisecond early, and it yields to the loop until the instant.
+        while sent.not_before is not None and (wait := sent.not_before - time.perf_counter()) > 0:
+            await asyncio.sleep(wait - 0.001 if wait > 0.0015 else 0)
         sent.perf, sent.wall = time.perf_counter(), time.time()
 
 
@@ -309,6 +317,7 @@ async def send_chat(
     *,
     api_key: str | None,
     timeout_s: float,
+    not_before: float | None = None,
 ) -> RawResponse:
     """POST one chat completion; the whole exchange (headers and body) must end within timeout_s.
 
@@ -316,6 +325,8 @@ async def send_chat(
     server that answers, and a 3xx (to another port, say) is recorded as it came (server_error
     with its Location), never counted as that arm's answer. Whatever the server sent back is
     kept with the key redacted (guided_ab.redact: a server may echo the Authorization header).
+    `not_before` (a time.perf_counter() value: an open loop's scheduled instant): the request is
+    prepared at once and its bytes held until then, so the work before the write is not its lag.
     """
     url = base_url.rstrip("/") + "/v1/chat/completions"
     headers = {"Content-Type": "application/json"}
@@ -324,7 +335,7 @@ async def send_chat(
     payload = _dumps(body)
     out = RawResponse(sent_at=time.time())
     t0 = time.perf_counter()
-    sent = _Sent()
+    sent = _Sent(not_before)
     try:
         async with asyncio.timeout(timeout_s):
             async with http.post(url, data=payload, headers=headers, trace_request_ctx=sent, allow_redirects=False) as resp:
@@ -332,6 +343,7 @@ async def send_chat(
                     t0, out.sent_at = sent.perf, sent.wall
                 out.http_status = resp.status
                 out.backend = _header(resp.headers.get(ATTRIBUTION_HEADER))
+                out.served_by = _header(resp.headers.get(SERVED_BY_HEADER))
                 if 300 <= resp.status < 400:
                     where = _header(resp.headers.get("Location")) or "nowhere"
                     out.error = _short(f"HTTP {resp.status} redirect to {where}, not followed: point the arm's url at the server that answers", 300)
@@ -346,5 +358,6 @@ async def send_chat(
     except (aiohttp.ClientError, OSError) as err:
         out.failure, out.error = "connection_error", f"{type(err).__name__}: {err}"
     out.latency_s = time.perf_counter() - t0
-    out.text, out.error, out.backend = (redact(x, [api_key]) for x in (out.text, out.error, out.backend))
+    out.text, out.error, out.backend, out.served_by = (
+        redact(x, [api_key]) for x in (out.text, out.error, out.backend, out.served_by))
     return out
