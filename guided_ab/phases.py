@@ -16,11 +16,13 @@ from typing import Any
 
 from guided_ab.arms.base import Endpoint
 from guided_ab.arms.cores import allocate as allocate_cores
-from guided_ab.arms.targets import prepare_arm, start_arm, stop_endpoint, target_for, wait_arm
+from guided_ab.arms.targets import check_on_this_machine, prepare_arm, start_arm, stop_endpoint, target_for, wait_arm
 from guided_ab.config import DecisionOverrides, ExperimentConfig
 from guided_ab.errors import PhaseInterrupted as PhaseInterrupted  # defined here before guided_ab.errors
 from guided_ab.errors import RunStateError
+from guided_ab.load.arrivals import planned_pairs
 from guided_ab.load.runner import PhaseResult, Progress, run_plan
+from guided_ab.load.server_metrics import scraped
 from guided_ab.plan import Plan, make_plan
 from guided_ab.store import RunStore
 from guided_ab.workload import WARMUP_ITEM, WorkItem, load_workload
@@ -92,17 +94,22 @@ def save_endpoints(store: RunStore, endpoints: dict[str, Endpoint]) -> None:
     store.write_json("endpoints.json", {k: v.model_dump() for k, v in endpoints.items()})
 
 
-def load_endpoints(store: RunStore, *, missing_ok: bool = False) -> dict[str, Endpoint]:
+def load_endpoints(store: RunStore, *, missing_ok: bool = False, anywhere: bool = False) -> dict[str, Endpoint]:
+    """The run's endpoints, for a phase that uses or stops them: live local arms started on another
+    machine stop it here (arms/targets.py check_on_this_machine). `anywhere`: only read them."""
     if not store.has("endpoints.json"):
         if missing_ok:
             return {}
         raise RunStateError(f"run {store.run_id} has no endpoints.json: run the deploy phase first")
     data = store.read_json("endpoints.json")
     try:
-        return {k: Endpoint.model_validate(v) for k, v in data.items()}
+        endpoints = {k: Endpoint.model_validate(v) for k, v in data.items()}
     except (AttributeError, ValueError) as err:  # a damaged endpoints.json: name it, never a traceback
-        raise RunStateError(f"{store.path('endpoints.json')} is damaged ({str(err)[:200]}); "
+        raise RunStateError(f"{store.where('endpoints.json')} is damaged ({str(err)[:200]}); "
                             "restore it or re-run the deploy phase") from None
+    if not anywhere:
+        check_on_this_machine(store, endpoints)
+    return endpoints
 
 
 # -- plans -------------------------------------------------------------------------------------
@@ -123,21 +130,39 @@ def build_plans(cfg: ExperimentConfig, store: RunStore, base_dir: Path | None = 
         return plans
     observe_items, ab_items = workload_items(cfg, base_dir)
     wl = cfg.workload
-    plans["observe"] = make_plan(
+    # an open-loop phase sends the pairs its load profile pre-registered (count, or duration_s at
+    # the rate), cycling the phase's schemas; a closed loop (None) sends the plan's own size
+    pairs = {ph: planned_pairs(getattr(wl.load, ph), wl.seed, ph) for ph in ("observe", "ab")}
+    plans["observe"] = _first_pairs(make_plan(
         "observe", [a.name for a in cfg.candidates], observe_items, seed=wl.seed, stream_share=wl.stream_share,
-    )
+        repeats=_cycles(pairs["observe"], len(observe_items)),
+    ), pairs["observe"])
     if cfg.decision.sequential is not None:  # a sequential A/B plans one look at a time (guided_ab/looks.py)
         from guided_ab.looks import first_look_plan
 
         plans["ab"] = first_look_plan(cfg, _warmups(wl.warmup), base_dir)
     else:
-        plans["ab"] = make_plan(
+        plans["ab"] = _first_pairs(make_plan(
             "ab", [a.name for a in cfg.arms], ab_items, seed=wl.seed, warmup_items=_warmups(wl.warmup),
-            stream_share=wl.stream_share, repeats=wl.repeats,
-        )
+            stream_share=wl.stream_share, repeats=_cycles(pairs["ab"], len(ab_items)) if pairs["ab"] else wl.repeats,
+        ), pairs["ab"])
     for phase, plan in plans.items():
         store.write_json(f"plan-{phase}.json", plan.model_dump())
     return plans
+
+
+def _cycles(pairs: int | None, items: int) -> int:
+    """Passes over a phase's schemas that `pairs` pairs take (1: the plan's own size)."""
+    return 1 if pairs is None or items == 0 else -(-pairs // items)
+
+
+def _first_pairs(plan: Plan, pairs: int | None) -> Plan:
+    """The plan cut to its warm-ups and first `pairs` pairs (None: all of it)."""
+    if pairs is None:
+        return plan
+    requests = [r for r in plan.requests if r.pair_index < pairs]
+    used = {r.schema_id for r in requests}
+    return plan.model_copy(update={"requests": requests, "items": {k: v for k, v in plan.items.items() if k in used}})
 
 
 def _warmups(n: int) -> list[WorkItem]:
@@ -180,7 +205,8 @@ def run_requests(
     except ImportError:  # uvloop is optional (not on Windows)
         runner = asyncio.run
     async def main() -> PhaseResult:
-        task = asyncio.ensure_future(run_plan(plan, {a: endpoints[a] for a in plan.arms}, store, cfg.workload, progress=progress))
+        task = asyncio.ensure_future(run_plan(plan, {a: endpoints[a] for a in plan.arms}, store, cfg.workload, progress=progress,
+                                              load=getattr(cfg.workload.load, phase)))
         while stop is not None and not task.done():
             if stop.is_set():
                 task.cancel()
@@ -190,7 +216,9 @@ def run_requests(
 
     with store.phase_lock(phase):  # one writer per phase of a run: a second one gets PhaseLocked naming this one
         try:
-            result = runner(main())
+            # the servers' own /metrics beside the load (load/server_metrics.py): never slows or fails it
+            result = runner(scraped(main(), store, phase, {a: endpoints[a] for a in plan.arms},
+                                    interval_s=cfg.workload.metrics_interval_s))
         except asyncio.CancelledError:
             raise PhaseInterrupted(
                 f"phase {phase} of run {store.run_id} was stopped; `guided-ab {phase} --run-id {store.run_id}` resumes it"
@@ -299,7 +327,7 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
     from guided_ab.analysis.evaluation import evaluate
 
     cfg = _rule_config(store, overrides)
-    endpoints = {k: v.model_dump() for k, v in load_endpoints(store, missing_ok=True).items()}
+    endpoints = {k: v.model_dump() for k, v in load_endpoints(store, missing_ok=True, anywhere=True).items()}
     # accounting compares with the plans saved before any request was sent (never re-made here)
     plans = {ph: Plan.model_validate(store.read_json(f"plan-{ph}.json")) for ph in ("observe", "ab") if store.has(f"plan-{ph}.json")}
     evaluation = evaluate(
@@ -308,6 +336,10 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
     )
     if store.has("preflight.json"):  # the pre-flight token count, for the report's workload-problems section
         evaluation["preflight"] = {k: v for k, v in store.read_json("preflight.json").items() if k != "tokens"}
+    from guided_ab.load.server_metrics import phase_time_split
+
+    # the servers' own time split over the A/B phase, for the report's server-metrics section
+    evaluation["server_metrics"] = phase_time_split(store, "ab")
     store.write_json("evaluation.json", evaluation)
     return evaluation
 

@@ -7,7 +7,10 @@ files.py writes it, with the key-plot PNGs, into the run directory.
 What the report shows, top to bottom (element ids in brackets, for people and the browser test):
 decision banner with the reasons [decision]; per-arm key numbers [arms]; pre-registered criteria
 with estimates, intervals and margins [criteria]; latency CDFs per arm, end-to-end and TTFT
-[plot-latency-cdf]; outcome classes per arm [plot-outcomes] and per schema subset
+[plot-latency-cdf]; latency per container when an arm had several (Modal replicas)
+[replicas-table]; where each server's time went (queue, prefill, decode) beside the client's view,
+and its requests running/waiting and KV-cache use over time, from its /metrics [server-metrics];
+outcome classes per arm [plot-outcomes] and per schema subset
 [plot-subset-failures]; resolved backend per arm and phase [plot-backend] and per schema
 [schema-backends]; latency over the run's time per arm, the drift check [plot-drift]; cost per
 arm and per 1k successful requests [cost]; validity gates [gates]; settings [settings].
@@ -23,7 +26,17 @@ from typing import Any
 
 from guided_ab.reports.format import interval_parts, num
 from guided_ab.reports.html_style import CSS
-from guided_ab.reports.model import ReportModel, dig, explain_rows, interval_label
+from guided_ab.reports.model import (
+    REPLICAS_NOTE,
+    SERVER_METRICS_NOTE,
+    ReportModel,
+    dig,
+    explain_rows,
+    interval_label,
+    replica_rows,
+    server_metrics_notes,
+    server_time_rows,
+)
 from guided_ab.reports.plots import Rendered, render_all
 
 VERDICT_CLASS = {"switch": "v-switch", "keep": "v-keep", "inconclusive": "v-inconclusive", "invalid": "v-invalid"}
@@ -39,6 +52,8 @@ def render_html(m: ReportModel, plots: Mapping[str, Rendered] | None = None) -> 
         _arm_cards(m),
         _criteria(m),
         _section("latency", "Latency distributions", _latency(m, p)),
+        *([_section("replicas", "Per-replica latency: containers of one arm", _replicas(m))] if m.replicas else []),
+        _section("server-metrics", "Where the servers' time went: their own /metrics", _server_metrics(m, p)),
         _section("failures", "Where failures come from", _failures(m, p)),
         _section("workload-problems", "Workload problems: refused for the workload's own sake, not the backends'",
                  _workload_problems(m.evaluation)),
@@ -374,6 +389,22 @@ def _latency(m: ReportModel, p: Mapping[str, Rendered]) -> str:
           "as latencies censored at the workload's timeout: quantiles past the censored share are lower bounds, means "
           "are restricted means.</p>" + _table(explain, "explain-table")
     )
+
+
+def _replicas(m: ReportModel) -> str:
+    """Per container of an arm served by several (A/B phase, warm-ups excluded); a slow one marked."""
+    return (f"<p class=\"muted\">{_e(REPLICAS_NOTE)}</p>"
+            + _table(replica_rows(m.replicas), "replicas-table"))
+
+
+def _server_metrics(m: ReportModel, p: Mapping[str, Rendered]) -> str:
+    """The servers' time split beside the client's view, and their load over the A/B phase."""
+    rows = server_time_rows(m.evaluation)
+    notes = "".join(f"<p class=\"muted\">{_e(n)}</p>" for n in server_metrics_notes(m.evaluation))
+    if not rows:
+        return notes
+    return (f"<p class=\"muted\">{_e(SERVER_METRICS_NOTE)}</p>" + _table(rows, "server-time-table") + notes
+            + _plot(p["plot-server-load"], "Step lines between scrapes: what each server's gauges read at each scrape."))
 
 
 def _failures(m: ReportModel, p: Mapping[str, Rendered]) -> str:

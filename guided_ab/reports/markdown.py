@@ -10,13 +10,24 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from guided_ab.reports.format import counts_text
-from guided_ab.reports.model import ReportModel, explain_rows
+from guided_ab.reports.model import (
+    REPLICAS_NOTE,
+    SERVER_METRICS_NOTE,
+    ReportModel,
+    explain_rows,
+    replica_rows,
+    server_metrics_notes,
+    server_time_rows,
+)
 from guided_ab.reports.plots import KEY_PLOTS
+
+if TYPE_CHECKING:
+    from guided_ab.store import RunStore
 
 # what markdown (and the HTML a markdown renderer lets through) would read as markup in a text
 # that came from a server or a run file: backslash-escaped, so it shows as the text it is
@@ -98,6 +109,23 @@ def _pct(x: Any) -> str:
     return "n/a" if x is None else f"{float(x):.1%}"
 
 
+def replicas_section(m: ReportModel) -> list[str]:
+    """Per-replica latency, only when an arm was served by more than one container (nothing otherwise)."""
+    if not m.replicas:
+        return []
+    return ["## Per-replica latency (containers of one arm, A/B phase, warm-ups excluded)",
+            md_text(REPLICAS_NOTE) + "\n", _md_table(replica_rows(m.replicas))]
+
+
+def server_metrics_section(evaluation: Mapping[str, Any]) -> str:
+    """Per arm, the server's mean queue / prefill / decode time beside its and the client's TTFT and
+    latency (guided_ab/load/server_metrics.py); a line per arm without metrics, saying why."""
+    rows = server_time_rows(evaluation)
+    parts = [md_text(SERVER_METRICS_NOTE) + "\n", _md_table(rows)] if rows else []
+    parts += [md_text(n) + "\n" for n in server_metrics_notes(evaluation)]
+    return "\n".join(parts)
+
+
 def render_markdown(m: ReportModel) -> str:
     """report.md without its plots section (`plots_markdown` adds it once the PNGs exist)."""
     evaluation, decision, s = m.evaluation, m.decision, m.summary
@@ -128,6 +156,9 @@ def render_markdown(m: ReportModel) -> str:
         "Timeouts and connection errors count as latencies censored at the workload's timeout: "
         "quantiles past the censored share are lower bounds and means are restricted means.\n",
         _md_table(explain_rows(evaluation)),
+        *replicas_section(m),
+        "## Where the servers' time went (their own /metrics)",
+        server_metrics_section(evaluation),
         "## Workload problems (refused for the workload's own sake, not the backends')",
         workload_problems_section(evaluation),
         "## What the candidates resolved to",
@@ -139,20 +170,28 @@ def render_markdown(m: ReportModel) -> str:
     return "\n".join(lines)
 
 
-def plots_markdown(run_dir: Path) -> str:
-    """The key plots (PNGs beside report.html) as a markdown section with relative links."""
-    images = [f"![{alt}]({name})" for name, alt in KEY_PLOTS.items() if (run_dir / name).is_file()]
-    if not images and not (run_dir / "report.html").is_file():
+def plots_markdown(run_dir: Path | Callable[[str], bool]) -> str:
+    """The key plots (PNGs beside report.html) as a markdown section with relative links. `run_dir`:
+    the run directory, or whether the run has a file (RunStore.has: a run in an object store)."""
+    has = run_dir if callable(run_dir) else (lambda name: (run_dir / name).is_file())
+    images = [f"![{alt}]({name})" for name, alt in KEY_PLOTS.items() if has(name)]
+    if not images and not has("report.html"):
         return ""
     return "\n## Plots\n\nEvery plot, with the criteria drawn against their margins: [report.html](report.html)\n\n" + \
         "\n\n".join(images) + "\n"
 
 
-def artifact_markdown(run_dir: Path) -> str:
+def artifact_markdown(run_dir: Path | RunStore) -> str:
     """report.md for places that cannot follow relative links (the Prefect UI): the key plots
     inlined as data URIs and report.html linked by its absolute file URI."""
     import base64
 
+    if not isinstance(run_dir, Path):  # a RunStore of a run in an object store: read through it, link its URL
+        md = run_dir.read_text("report.md")
+        for name in KEY_PLOTS:
+            if f"]({name})" in md and run_dir.has(name):
+                md = md.replace(f"]({name})", f"](data:image/png;base64,{base64.b64encode(run_dir.read_bytes(name)).decode('ascii')})")
+        return md.replace("](report.html)", f"]({run_dir.uri('report.html')})") if run_dir.has("report.html") else md
     md = (run_dir / "report.md").read_text()
     for name in KEY_PLOTS:
         p = run_dir / name

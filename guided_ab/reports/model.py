@@ -119,6 +119,55 @@ def explain_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+# -- the servers' own metrics (guided_ab/load/server_metrics.py: evaluation["server_metrics"]) --------
+SERVER_METRICS_NOTE = (
+    "What each vLLM server reported on its Prometheus /metrics while the A/B phase ran (scraped at its start, "
+    "every few seconds and at its end): the mean time per request the server finished in that span, split into "
+    "queue (waiting for a batch slot, and for the request's grammar to compile: vLLM keeps a structured-output "
+    "request unscheduled until its grammar is ready), prefill and decode, beside the server's and the client's own TTFT and "
+    "latency. Server times start when the request reaches the engine; the client's include the network and the "
+    "HTTP front end. Warm-ups included (the server cannot tell them apart).")
+
+
+def server_metrics_arms(evaluation: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """arm -> its time split (only arms with numbers; see server_metrics_notes for the others)."""
+    arms = dig(evaluation, "server_metrics", "arms") or {}
+    order = [evaluation.get("control"), *(evaluation.get("candidates") or [])]  # the report's arm order
+    ranked = sorted(arms, key=lambda a: order.index(a) if a in order else len(order))
+    return {a: arms[a] for a in ranked if isinstance(arms[a], Mapping) and "mean_s" in arms[a]}
+
+
+def server_time_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per arm with scraped metrics: the server's mean queue, prefill and decode time per
+    request, its TTFT and latency beside the client's, and the peaks of its load gauges."""
+    rows = []
+    for arm, e in server_metrics_arms(evaluation).items():
+        mean, client, peak = e.get("mean_s") or {}, e.get("client") or {}, e.get("peak") or {}
+        rows.append({
+            "arm": arm,
+            "requests (server / client)": f"{num(e.get('requests_finished'), '{}')} / {num(client.get('answered'), '{}')}",
+            "queue s": num(mean.get("queue"), "{:.3f}"),
+            "prefill s": num(mean.get("prefill"), "{:.3f}"),
+            "decode s": num(mean.get("decode"), "{:.3f}"),
+            "TTFT s (server / client)": f"{num(mean.get('ttft'), '{:.3f}')} / {num(client.get('ttft_mean_s'), '{:.3f}')}",
+            "latency s (server / client)": f"{num(mean.get('e2e'), '{:.3f}')} / {num(client.get('latency_mean_s'), '{:.3f}')}",
+            "peak running / waiting": f"{num(peak.get('running'), '{:.0f}')} / {num(peak.get('waiting'), '{:.0f}')}",
+            "peak KV cache": num(peak.get("kv_cache"), "{:.1%}"),
+            "preemptions": num(e.get("preemptions"), "{:.0f}"),
+        })
+    return rows
+
+
+def server_metrics_notes(evaluation: Mapping[str, Any]) -> list[str]:
+    """One line per arm without numbers (and why), or one line when nothing was scraped at all."""
+    sm = evaluation.get("server_metrics")
+    if not isinstance(sm, Mapping) or not sm.get("arms"):
+        return ["No server metrics: nothing was scraped in the A/B phase (workload.metrics_interval_s is 0, "
+                "or the run predates scraping)."]
+    return [f"{arm}: no server metrics, {e.get('why')}." for arm, e in sm["arms"].items()
+            if isinstance(e, Mapping) and "mean_s" not in e]
+
+
 @dataclass(frozen=True)
 class ArmGlance:
     """An arm's two headline numbers (the list of runs shows them)."""
@@ -229,6 +278,31 @@ class DriftRow:
 
 
 @dataclass(frozen=True)
+class ReplicaRow:
+    """One container of an arm served by several (Modal replicas), A/B phase without warm-ups:
+    what it served and how fast, beside its arm's median, so a slow container is seen."""
+
+    arm: str
+    container: str  # the x-guided-ab-served-by header (Modal's task id), or NO_CONTAINER
+    requests: int
+    success_rate: float
+    answered: int  # the latency basis, as everywhere in the report
+    p50: float | None
+    p95: float | None
+    p50_vs_arm: float | None  # this container's p50 over the p50 of all the arm's answered requests
+
+    @property
+    def slow(self) -> bool:
+        return self.p50_vs_arm is not None and self.p50_vs_arm >= SLOW_REPLICA_RATIO
+
+
+NO_CONTAINER = "(no answer)"  # requests no container answered (connection errors, timeouts before the headers)
+# a container whose median latency is this much above its arm's is marked: a quarter is well past
+# the scatter of medians of a few dozen requests each, and small enough to catch a throttled GPU
+SLOW_REPLICA_RATIO = 1.25
+
+
+@dataclass(frozen=True)
 class ReportModel:
     """Everything report.md, report.html and its plots show; build it with `build_report`."""
 
@@ -246,6 +320,8 @@ class ReportModel:
     backend_mix: list[tuple[str, dict[str, int]]]  # ("A/B · arm" | "observe · arm", resolved backend counts)
     errors: list[ErrorMessage] = field(default_factory=list)
     drift: list[DriftRow] = field(default_factory=list)
+    # per container, for arms served by more than one (empty when every arm had one container)
+    replicas: list[ReplicaRow] = field(default_factory=list)
 
     @property
     def arms(self) -> list[str]:
@@ -281,6 +357,7 @@ def build_report(cfg: ExperimentConfig, evaluation: dict[str, Any], decision: di
         colors={a: ARM_COLORS[i % len(ARM_COLORS)] for i, a in enumerate(arms)},
         records=data, teardown=dict(teardown or {"arms": []}), quantiles=quantiles,
         subsets=_subset_table(data), backend_mix=_backend_mix(data), errors=_error_messages(data), drift=_drift(data),
+        replicas=_replicas(data),
     )
 
 
@@ -344,3 +421,45 @@ def _drift(data: Records) -> list[DriftRow]:
         return rows
     except Exception:  # noqa: BLE001
         return []
+
+
+def _replicas(data: Records) -> list[ReplicaRow]:
+    """Per container of each arm that more than one container served (the records' `served_by`):
+    requests, success rate, p50/p95 latency over answered requests, and p50 against the arm's."""
+    ab = data.ab
+    if "served_by" not in ab.columns or not ab["served_by"].notna().any():
+        return []
+    rows = []
+    for arm in data.arms:
+        f = data.arm(ab, arm)
+        if f["served_by"].dropna().nunique() < 2:
+            continue
+        answered = f[f["outcome"].isin(ANSWERED_OUTCOMES)]
+        arm_lat = answered["latency_s"].to_numpy(dtype=float)
+        arm_lat = arm_lat[np.isfinite(arm_lat)]
+        arm_p50 = float(np.median(arm_lat)) if arm_lat.size else None
+        for container, g in f.groupby(f["served_by"].where(f["served_by"].notna(), NO_CONTAINER).astype(str), sort=True):
+            lat = g.loc[g["outcome"].isin(ANSWERED_OUTCOMES), "latency_s"].to_numpy(dtype=float)
+            lat = lat[np.isfinite(lat)]
+            p50 = float(np.median(lat)) if lat.size else None
+            rows.append(ReplicaRow(
+                arm=arm, container=str(container), requests=len(g), success_rate=float((g["outcome"] == "success").mean()),
+                answered=int(lat.size), p50=p50, p95=float(np.quantile(lat, 0.95)) if lat.size else None,
+                p50_vs_arm=p50 / arm_p50 if p50 is not None and arm_p50 else None,
+            ))
+    return rows
+
+
+REPLICAS_NOTE = (
+    "An arm's requests were served by more than one container (Modal replicas): each container is its own "
+    f"vLLM server, with its own caches and GPU. A container whose median latency is {SLOW_REPLICA_RATIO:.2f}x its "
+    "arm's or more is marked slow; the arm's numbers above pool all its containers.")
+
+
+def replica_rows(replicas: list[ReplicaRow]) -> list[dict[str, Any]]:
+    """The per-replica table (markdown and HTML): one row per container of a multi-container arm."""
+    return [{
+        "arm": r.arm, "container": r.container, "requests": r.requests, "success": f"{r.success_rate:.1%}",
+        "answered": r.answered, "latency p50 s": num(r.p50, "{:.3f}"), "latency p95 s": num(r.p95, "{:.3f}"),
+        "p50 vs arm": num(r.p50_vs_arm, "{:.2f}x") + (" (slow)" if r.slow else ""),
+    } for r in replicas]

@@ -22,7 +22,7 @@ import pandas as pd
 
 from guided_ab.analysis.evaluation import ANSWERED_OUTCOMES
 from guided_ab.records import OUTCOMES
-from guided_ab.reports.model import ReportModel, dig
+from guided_ab.reports.model import ReportModel, dig, server_metrics_arms
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -268,6 +268,35 @@ def cost_fig(m: ReportModel) -> Figure | None:
     return fig
 
 
+def server_load_fig(m: ReportModel) -> Figure | None:
+    """Requests running and waiting, and KV-cache use, on each arm's server over the A/B phase
+    (its /metrics scrapes: evaluation["server_metrics"], guided_ab/load/server_metrics.py)."""
+    arms = {a: e["series"] for a, e in server_metrics_arms(m.evaluation).items() if (e.get("series") or {}).get("t")}
+    if not arms:
+        return None
+    from matplotlib.ticker import MaxNLocator
+    span = max(max(s["t"]) for s in arms.values())
+    unit, div = ("minutes", 60.0) if span > 180 else ("seconds", 1.0)
+    panels = (("running", "requests running"), ("waiting", "requests waiting"), ("kv_cache", "KV cache used"))
+    fig = _figure(9.0, 4.6)
+    axes = fig.subplots(len(panels), 1, sharex=True)
+    for ax, (key, label) in zip(axes, panels):
+        for arm, s in arms.items():
+            t = np.asarray(s["t"], dtype=float) / div
+            y = np.asarray([np.nan if v is None else float(v) for v in s.get(key, [])], dtype=float)
+            if y.size == t.size and np.isfinite(y).any():
+                ax.step(t, y, where="post", color=m.colors.get(arm, "#111827"), lw=1.6, label=arm)
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0)
+    for ax in axes[:2]:
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # requests: whole numbers
+    axes[2].yaxis.set_major_formatter(_pct_formatter())
+    axes[2].set_xlabel(f"{unit} since the first scrape of the A/B phase")
+    axes[0].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    axes[0].set_title("What each server reported: requests running, waiting and KV-cache use")
+    return fig
+
+
 # -- the list of plots -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Plot:
@@ -284,6 +313,7 @@ PLOTS: tuple[Plot, ...] = (
     Plot("plot-backend", "Resolved backend share per arm and phase", backend_fig),
     Plot("plot-drift", "Latency over time per arm", drift_fig),
     Plot("plot-cost", "Cost per 1k successful requests", cost_fig),
+    Plot("plot-server-load", "Requests running and waiting, and KV-cache use, per server over the A/B phase", server_load_fig),
 )
 KEY_PLOTS: dict[str, str] = {p.png: p.label for p in PLOTS if p.png}  # PNG file name -> alt text
 
