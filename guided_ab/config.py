@@ -65,9 +65,45 @@ MODAL_SCALEDOWN_S = (2, 3600)  # modal.App.function(scaledown_window=...): "must
 MODAL_MAX_TIMEOUT_S = 24 * 3600  # a Modal function's timeouts are at most 24 h
 
 
+class ModalReplicas(Strict):
+    """How many containers serve one `modal` arm: Modal's autoscaler settings of the arm's web
+    function (modal.App.function's min_containers / max_containers, @modal.concurrent's target_inputs).
+
+    The default is one container, held warm from deploy to teardown, and never more: in an A/B,
+    autoscaling blurs the comparison (a request that lands on a cold or a fresh container, with an
+    empty prefix and grammar cache, is slower for reasons that are not its backend's, and the arms
+    would scale differently). Replicas are for throughput tests and production-rate A/Bs on large
+    models, where one container cannot take the load; the report then shows latency per container.
+    """
+
+    min_containers: int = Field(
+        default=1, ge=0,
+        description="containers kept warm from deploy to teardown (billed all that time); 0 lets the arm scale "
+                    "to zero between phases, so a cold start can land inside a phase",
+    )
+    max_containers: int = Field(
+        default=1, ge=1,
+        description="most containers Modal may run for this arm under load (1: no autoscaling, the A/B default)",
+    )
+    target_inputs: int | None = Field(
+        default=None, ge=1,
+        description="requests per container Modal's autoscaler aims at before it adds a container "
+                    "(@modal.concurrent(target_inputs=...)); unset: it scales on max_concurrent_inputs",
+    )
+
+    @model_validator(mode="after")
+    def _modal_bounds(self) -> ModalReplicas:
+        # modal 1.6.4 _Function.from_local: "`min_containers` (...) cannot be greater than `max_containers`"
+        if self.min_containers > self.max_containers:
+            raise ValueError(f"min_containers {self.min_containers} is above max_containers {self.max_containers}: "
+                             "Modal refuses that; raise max_containers or lower min_containers")
+        return self
+
+
 class ModalSettings(Strict):
-    """How a `modal` arm is served (see modal_apps/vllm_arm.py). The container is held warm
-    (min_containers=1) from deploy to teardown, so the arm costs GPU + CPU + memory for all that time."""
+    """How a `modal` arm is served (see modal_apps/vllm_arm.py). Its containers (`replicas`; by
+    default one) are held warm from deploy to teardown, so the arm costs GPU + CPU + memory for
+    all that time, for each warm container."""
 
     gpu: str = Field(default="H100", description=f"a Modal GPU type: {', '.join(MODAL_GPUS)}")
     gpu_count: int = Field(default=1, ge=1, le=8)
@@ -82,6 +118,10 @@ class ModalSettings(Strict):
     max_model_len: int | None = Field(default=None, ge=256)
     revision: str | None = None
     api_key_secret: str = Field(default="guided-ab-api-key", description="modal.Secret holding VLLM_API_KEY")
+    replicas: ModalReplicas = Field(
+        default_factory=lambda: ModalReplicas(),
+        description="containers serving the arm (min/max, autoscaler target); default one, warm, never more",
+    )
 
     @field_validator("gpu")
     @classmethod
@@ -108,11 +148,36 @@ class ModalSettings(Strict):
             raise ValueError(f"gpu_count {self.gpu_count}: Modal gives at most {most} {self.gpu} GPUs to one container")
         return self
 
+    @model_validator(mode="after")
+    def _modal_target_inputs(self) -> ModalSettings:
+        # modal 1.6.4 @modal.concurrent: "`target_inputs` parameter cannot be greater than `max_inputs`"
+        target = self.replicas.target_inputs
+        if target is not None and target > self.max_concurrent_inputs:
+            raise ValueError(f"replicas.target_inputs {target} is above max_concurrent_inputs {self.max_concurrent_inputs} "
+                             "(Modal's max_inputs, the hard limit per container): Modal refuses that")
+        return self
+
     @property
     def cost_per_hour(self) -> float:
-        """USD per hour the arm's container is held: its GPUs, CPU cores and memory."""
+        """USD per hour one of the arm's containers is held: its GPUs, CPU cores and memory."""
         return (self.gpu_cost_per_hour * self.gpu_count + self.cpu * self.cpu_cost_per_core_hour
                 + self.memory_gib * self.memory_cost_per_gib_hour)
+
+    @property
+    def warm_containers(self) -> int:
+        """Containers the arm is billed for all the time it is held: min_containers, and at least
+        the one that serves its requests (a scaled-to-zero arm starts one for its first request)."""
+        return max(1, self.replicas.min_containers)
+
+    @property
+    def warm_cost_per_hour(self) -> float:
+        """USD per hour the arm is held with its warm containers (what the cost estimates count)."""
+        return self.cost_per_hour * self.warm_containers
+
+    @property
+    def max_cost_per_hour(self) -> float:
+        """USD per hour with every container Modal may start (max_containers) up."""
+        return self.cost_per_hour * self.replicas.max_containers
 
 
 class Arm(Strict):
@@ -149,6 +214,58 @@ class Arm(Strict):
         return self
 
 
+class LoadProfile(Strict):
+    """How one phase's requests are sent (guided_ab/load/runner.py, guided_ab/load/arrivals.py).
+
+    closed: today's closed loop, `workload.concurrency` requests in flight, the next sent when one
+    returns. constant / poisson: an open loop, arrivals at `rate` per second on a clock of their
+    own (evenly spaced, or exponential gaps), whether or not the server keeps up; both arms of a
+    pair arrive at one instant (so `rate` is requests/s per arm), and a request the cap held back
+    is sent as soon as it can and recorded with its lag."""
+
+    profile: Literal["closed", "constant", "poisson"] = "closed"
+    rate: float | None = Field(default=None, description="open loop: arrivals (pairs) per second, i.e. requests/s per arm")
+    max_in_flight: int | None = Field(default=None, ge=1, le=4096, description="open loop: cap on requests in flight (all arms together)")
+    count: int | None = Field(default=None, ge=1, le=1_000_000, description="open loop: pairs to send (warm-ups first, in addition)")
+    duration_s: float | None = Field(default=None, description="open loop: send the pairs the schedule holds in this many seconds (warm-ups first, in addition)")
+
+    @field_validator("rate", "duration_s")
+    @classmethod
+    def _positive(cls, v: float | None, info: ValidationInfo) -> float | None:
+        if v is not None and v <= 0:
+            what = "arrivals per second" if info.field_name == "rate" else "seconds"
+            raise ValueError(f"{v:g}: must be > 0 ({what}); for no load leave the phase out of `phases`")
+        return v
+
+    @model_validator(mode="after")
+    def _fields_of_profile(self) -> LoadProfile:
+        given = [f for f in ("rate", "max_in_flight", "count", "duration_s") if getattr(self, f) is not None]
+        if self.profile == "closed":
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for an open loop (profile: constant or poisson); "
+                                 "a closed loop sends workload.concurrency requests at a time")
+            return self
+        if self.rate is None:
+            raise ValueError(f"rate: required for profile {self.profile} (arrivals per second, e.g. rate: 2)")
+        if self.max_in_flight is None:
+            raise ValueError(f"max_in_flight: required for profile {self.profile}: an open loop needs a cap on requests "
+                             "in flight (a server that falls behind would otherwise get every arrival at once)")
+        if self.count is not None and self.duration_s is not None:
+            raise ValueError("count and duration_s: pre-register one of them, not both")
+        return self
+
+    @property
+    def open_loop(self) -> bool:
+        return self.profile != "closed"
+
+
+class PhaseLoads(Strict):
+    """The load profile of each sending phase (default: both closed loops)."""
+
+    observe: LoadProfile = Field(default_factory=lambda: LoadProfile())
+    ab: LoadProfile = Field(default_factory=lambda: LoadProfile())
+
+
 class Workload(Strict):
     """What is sent: which schemas, how many, in which order, with which sampling settings."""
 
@@ -170,8 +287,13 @@ class Workload(Strict):
     concurrency: int = Field(default=2, ge=1, le=1024)
     timeout_s: float = Field(default=120.0, gt=0, description="per-request timeout")
     max_schema_bytes: int = Field(default=262_144, ge=1024, description="schemas larger than this are refused")
+    metrics_interval_s: float = Field(default=5.0, ge=0, le=3600,
+                                      description="seconds between scrapes of each arm's /metrics while a phase sends "
+                                                  "(also once at its start and end; guided_ab/load/server_metrics.py); 0: not scraped")
     validation_timeout_s: float = Field(default=2.0, gt=0, le=600,
                                         description="per answer; past it the request is `validation_timeout` (e.g. a backtracking regex)")
+    load: PhaseLoads = Field(default_factory=lambda: PhaseLoads(),
+                             description="per phase (observe, ab): closed (concurrency) or an open loop at a rate (constant, poisson)")
 
     @field_validator("prompt_template")
     @classmethod
@@ -278,6 +400,65 @@ class Production(Strict):
         return self.planned_pairs or self.pairs_per_run * self.planned_runs
 
 
+class Sweep(Strict):
+    """A rate sweep (`guided-ab sweep`, guided_ab/sweep.py), pre-registered like the A/B. Per arm,
+    one arm at a time: a closed loop of `saturation_concurrency` requests in flight measures the
+    most the arm completes per second; then a ladder of `steps` open-loop rates from `low` to `high`
+    times that maximum (or the explicit `rates`), each step `duration_s` long (at least
+    `min_requests` arrivals) or exactly `count` arrivals, at most `max_in_flight` in flight. The
+    knee: the highest rate up to which every step is sustained (achieved >= `knee_achieved_share`
+    of the offered rate and p50 latency <= `knee_latency_factor` x the lowest rate's p50).
+    The defaults fit the embedded default (two local CPU arms: well under 1 request/s each)."""
+
+    saturation_concurrency: int = Field(default=6, ge=1, le=4096, description="closed loop: requests in flight while the maximum rate is measured (above the server's batch: it must queue)")
+    saturation_requests: int = Field(default=18, ge=2, le=100_000, description="closed loop: requests sent to measure the maximum rate (~3x the concurrency: the loop is full between its first answer and its last send)")
+    steps: int = Field(default=6, ge=2, le=30, description="open-loop rates on the ladder")
+    low: float = Field(default=0.2, gt=0, le=10, description="the ladder's lowest rate, a fraction of the measured maximum")
+    high: float = Field(default=1.2, gt=0, le=10, description="the ladder's highest rate, a fraction of the measured maximum")
+    rates: list[float] | None = Field(default=None, min_length=2, max_length=30, description="explicit ladder in requests/s (ascending), instead of low/high/steps; the saturation step still runs")
+    profile: Literal["constant", "poisson"] = Field(default="poisson", description="arrivals of each step: evenly spaced or exponential gaps")
+    duration_s: float | None = Field(default=None, description="each step's schedule in seconds (default 30; not with count)")
+    count: int | None = Field(default=None, ge=1, le=1_000_000, description="each step's arrivals (not with duration_s)")
+    min_requests: int = Field(default=3, ge=1, le=10_000, description="with duration_s: at least this many arrivals per step (the lowest rates need a latency too)")
+    max_in_flight: int = Field(default=32, ge=1, le=4096, description="cap on requests in flight during a step")
+    knee_achieved_share: float = Field(default=0.95, gt=0, le=1, description="a step is sustained when achieved >= this x offered rate ...")
+    knee_latency_factor: float = Field(default=2.0, gt=1, le=100, description="... and its p50 latency <= this x the lowest rate's p50")
+
+    @field_validator("duration_s")
+    @classmethod
+    def _positive_duration(cls, v: float | None) -> float | None:
+        if v is not None and v <= 0:
+            raise ValueError(f"{v:g}: must be > 0 seconds")
+        return v
+
+    @field_validator("rates")
+    @classmethod
+    def _ascending_rates(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None:
+            if any(r <= 0 for r in v):
+                raise ValueError(f"{v}: every rate must be > 0 requests/s")
+            if any(b <= a for a, b in zip(v, v[1:])):
+                raise ValueError(f"{v}: rates must be strictly ascending")
+        return v
+
+    @model_validator(mode="after")
+    def _ladder(self) -> Sweep:
+        if self.high <= self.low:
+            raise ValueError(f"high ({self.high:g}) must be above low ({self.low:g}): the ladder climbs")
+        if self.count is not None and self.duration_s is not None:
+            raise ValueError("count and duration_s: pre-register one of them, not both")
+        if self.saturation_requests < 2 * self.saturation_concurrency:
+            raise ValueError(f"saturation_requests ({self.saturation_requests}) must be at least 2 x saturation_concurrency "
+                             f"({self.saturation_concurrency}): the maximum is measured while the loop is full, from its "
+                             "first answer to its last send (3x gives a steadier figure)")
+        return self
+
+    @property
+    def step_duration_s(self) -> float | None:
+        """Each step's duration (None: steps are `count` arrivals)."""
+        return None if self.count is not None else (self.duration_s or 30.0)
+
+
 class _Overrides(Strict):
     """The base of `DecisionOverrides`: how a set of overrides applies to a rule."""
 
@@ -319,9 +500,25 @@ class ExperimentConfig(Strict):
     phases: list[Phase] = Field(default_factory=lambda: list(ALL_PHASES),
                                 description="deploy (always) and observe and/or ab; evaluate and decide always follow")
     decision: DecisionRule = Field(default_factory=lambda: DecisionRule())
-    store: str = Field(default="runs", description="run store root: a directory (relative to the working directory)")
+    store: str = Field(default="runs", description="run store root: a directory (relative to the working directory), "
+                       "file:///path, or an object store URL s3://bucket/prefix (gs://, az:// with the gcs/azure extras)")
     server_start_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        """A known scheme whose library is installed (no network here: reachability, credentials and
+        permissions are probed when the run is created or opened, guided_ab/storage_object.py)."""
+        from guided_ab.storage import check_store_url
+
+        if not v.strip():
+            raise ValueError("store is empty: a directory such as 'runs', or s3://bucket/prefix")
+        try:
+            return check_store_url(v)
+        except ConfigError as err:  # pydantic names the field: the message without our own prefix
+            raise ValueError(str(err).removeprefix("store: ")) from None
     production: Production | None = Field(default=None, description="phase 3: promote the winner, monitor it against a live control, keep or revert")
+    sweep: Sweep | None = Field(default=None, description="`guided-ab sweep`: saturation, then a ladder of open-loop rates per arm (defaults when absent)")
 
     @model_validator(mode="after")
     def _roles(self) -> ExperimentConfig:
@@ -331,6 +528,37 @@ class ExperimentConfig(Strict):
         controls = [a.name for a in self.arms if a.role == "control"]
         if len(controls) != 1:
             raise ValueError(f"exactly one arm must have role 'control', found {len(controls)}: {controls}")
+        return self
+
+    @model_validator(mode="after")
+    def _load_profiles(self) -> ExperimentConfig:
+        """Open-loop profiles the phases can honour (LoadProfile checks each profile alone)."""
+        wl = self.workload
+        for phase in ("observe", "ab"):
+            lp: LoadProfile = getattr(wl.load, phase)
+            where = f"workload.load.{phase}"
+            if not lp.open_loop:
+                continue
+            sized = lp.count is not None or lp.duration_s is not None
+            if phase == "ab" and self.decision.sequential is not None:
+                if sized:  # each look is one batch of pairs_per_look pairs, with its own schedule at the rate
+                    raise ValueError(f"{where}: a sequential A/B sends decision.sequential.pairs_per_look pairs per look "
+                                     "(each look on its own schedule at the rate); remove count / duration_s")
+            elif not sized:
+                raise ValueError(f"{where}: pre-register how much an open loop sends: count (pairs) or duration_s")
+            elif phase == "ab" and wl.repeats != 1:
+                raise ValueError(f"workload.repeats: an open-loop A/B sends {where}.count pairs (or duration_s's), "
+                                 "cycling the workload.size schemas; remove repeats")
+            for arm in self.arms:  # Modal queues what its containers cannot take, outside vLLM, unseen
+                if arm.target != "modal":
+                    continue
+                replicas = getattr(arm.modal, "replicas", None)
+                room = arm.modal.max_concurrent_inputs * (replicas.max_containers if replicas is not None else 1)
+                per_arm = -(-(lp.max_in_flight or 1) // len(self.arms))
+                if per_arm > room:
+                    raise ValueError(f"{where}.max_in_flight {lp.max_in_flight}: up to {per_arm} in flight per arm, but "
+                                     f"arm '{arm.name}' takes {room} at once (Modal would queue the rest outside vLLM); "
+                                     "lower max_in_flight or raise modal.max_concurrent_inputs")
         return self
 
     @field_validator("phases")

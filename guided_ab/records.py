@@ -65,6 +65,13 @@ class RequestRecord(BaseModel):
     error: str | None = None
     output: str | None = None
     custom_id: str | None = None  # the replayed request's `custom_id` (replay workloads; None otherwise)
+    # the container that answered (the attribution middleware's x-guided-ab-served-by header:
+    # Modal's task id, else hostname:pid); None without an answer, and in records written before it
+    served_by: str | None = None
+    # open-loop load profiles (workload.load): when the request was due and how late it went out
+    # (None in a closed loop, and in journals written before open loops existed)
+    scheduled_at: float | None = None  # unix time its arrival was scheduled (both arms of a pair: one instant)
+    send_lag_s: float | None = None  # sent_at - scheduled_at: > 0 when the in-flight cap or a busy loop held it back
 
     @classmethod
     def from_response(cls, raw, outcome: Outcome, error: str | None, **planned) -> RequestRecord:
@@ -76,7 +83,7 @@ class RequestRecord(BaseModel):
             **planned, sent_at=raw.sent_at, ttft_s=raw.ttft_s, latency_s=raw.latency_s,
             prompt_tokens=raw.prompt_tokens, completion_tokens=raw.completion_tokens,
             finish_reason=raw.finish_reason, http_status=raw.http_status, backend=raw.backend,
-            outcome=outcome, error=error, output=raw.text,
+            outcome=outcome, error=error, output=raw.text, served_by=getattr(raw, "served_by", None),
         )
 
 

@@ -49,6 +49,13 @@ def assert_servers_gone(store: RunStore) -> None:
         while local._alive(ep["pid"]) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not local._alive(ep["pid"]), f"server of arm {ep['arm']} (pid {ep['pid']}) is still running"
+        # a group SIGKILLed at the end of its grace (a loaded machine) takes a moment to be gone
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(ep["pid"], 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
         with pytest.raises(ProcessLookupError):
             os.killpg(ep["pid"], 0)  # the whole process group (engine workers too) is gone
     assert [r for r in local.leftovers() if r["run_id"] == store.run_id] == []
@@ -57,7 +64,9 @@ def assert_servers_gone(store: RunStore) -> None:
 def test_small_paired_experiment_through_prefect(prefect_harness, tmp_path):
     from flows.experiment import experiment
 
-    cfg_path = tiny_config(tmp_path, "it-local")
+    # the A/B as an open loop: Poisson arrivals at 1 pair/s (the CPU model answers a few requests/s)
+    ab_load = {"profile": "poisson", "rate": 1.0, "max_in_flight": 4, "count": 4}
+    cfg_path = tiny_config(tmp_path, "it-local", load={"ab": ab_load})
     result = experiment(config_path=str(cfg_path))
     store = RunStore.open(tmp_path / "runs", result["run_id"])
     assert result["decision"] in {"switch", "keep", "inconclusive", "invalid"}
@@ -72,12 +81,26 @@ def test_small_paired_experiment_through_prefect(prefect_harness, tmp_path):
     ab = df[df.phase == "ab"]
     assert set(ab.arm) == {"guidance", "auto"}
     assert ab.groupby("arm").size().to_dict() == {"guidance": 5, "auto": 5}  # 4 pairs + 1 warm-up
+    # open loop: each A/B record carries when it was due and how late it went out; both arms of
+    # a pair were due at one instant; the closed-loop observe phase has no schedule
+    assert ab.scheduled_at.notna().all() and ab.send_lag_s.notna().all()
+    assert ((ab.sent_at - ab.scheduled_at - ab.send_lag_s).abs() < 1e-6).all()
+    assert (ab.send_lag_s > -0.01).all()  # never sent before its time
+    assert (ab.groupby("pair_index").scheduled_at.nunique() == 1).all()
+    assert df.loc[df.phase == "observe", "scheduled_at"].isna().all()
+    # the servers' own /metrics, scraped beside the A/B phase, are in the run store for each arm
+    scrapes = store.metric_scrapes("ab")
+    assert set(scrapes) == {"guidance", "auto"} and all(scrapes.values()), scrapes.keys()
     assert set(df.outcome) <= set(OUTCOMES)
     # every request the server answered carries the backend the server resolved
     answered = df[df.http_status.notna()]
     assert answered.backend.notna().all(), answered[answered.backend.isna()][["arm", "schema_id", "http_status"]]
     assert set(answered.loc[answered.arm == "guidance", "backend"]) == {"guidance"}
     assert set(answered.loc[answered.arm == "auto", "backend"]) <= {"xgrammar", "guidance", "outlines"}
+    # ... and names the server process that answered (hostname:pid here): one per local arm, not shared
+    containers = answered.groupby("arm").served_by.unique()
+    assert answered.served_by.notna().all() and all(len(c) == 1 for c in containers), containers
+    assert containers["guidance"][0] != containers["auto"][0]
     assert (df.loc[df.outcome == "success", "latency_s"] > 0).all()
     assert (df.loc[(df.outcome == "success") & df.stream, "ttft_s"] > 0).all()
 

@@ -314,14 +314,14 @@ def _frame(blocks: list[dict[str, np.ndarray]]) -> pd.DataFrame:
     order = np.lexsort((cols["order_index"], cols["phase"] != "ab"))
     n = order.size
     const = {"run_id": "synthetic", "subset": "synthetic", "stream": True, "attempt": 1,
-             "prompt_tokens": 100, "error": None, "output": None, "custom_id": None}
+             "prompt_tokens": 100, "error": None, "output": None, "custom_id": None, "served_by": None}
     data: dict[str, object] = {}
     for c in RECORD_COLUMNS:
         if c in cols:
             v = cols[c][order]
             data[c] = pd.Series(v, dtype=object) if v.dtype == object else v
         else:
-            val = const[c]
+            val = const.get(c)  # a record field named nowhere here is an optional one (default None)
             data[c] = pd.Series([val] * n, dtype=object) if val is None or isinstance(val, str) else np.full(n, val)
     return pd.DataFrame(data, columns=RECORD_COLUMNS)
 

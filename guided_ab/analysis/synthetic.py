@@ -100,11 +100,13 @@ def _frame(frames: list[dict[str, np.ndarray]]) -> pd.DataFrame:
     order = np.lexsort((cols["order_index"], cols["phase"] != "ab"))  # observe rows after the A/B rows
     total = order.size
     const = {"run_id": "synthetic", "subset": "synthetic", "first_for_schema": True, "stream": True, "attempt": 1,
-             "prompt_tokens": 100, "error": None, "output": None, "custom_id": None}
+             "prompt_tokens": 100, "error": None, "output": None, "custom_id": None, "served_by": None}
     data = {}
     for c in RECORD_COLUMNS:
-        v = cols[c][order] if c in cols else np.full(total, const[c], dtype=object if const[c] is None or
-                                                      isinstance(const[c], str) else None)
+        # a record field named nowhere here is an optional one (default None: served_by, scheduled_at, ...)
+        val = const.get(c)
+        v = cols[c][order] if c in cols else np.full(total, val, dtype=object if val is None or
+                                                      isinstance(val, str) else None)
         data[c] = pd.Series(v, dtype=object) if v.dtype == object else v
     return pd.DataFrame(data, columns=RECORD_COLUMNS)
 
