@@ -22,6 +22,7 @@ from guided_ab.errors import UserError
 
 if TYPE_CHECKING:
     from guided_ab.shutdown import BoundedShutdown
+    from guided_ab.store import RunStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console(stderr=True)
@@ -68,6 +69,12 @@ def run(
 
         out.print(describe_plan(cfg), highlight=False, soft_wrap=True, markup=False)
         return
+    from guided_ab.storage import probe_store
+
+    try:  # an object store that cannot be written stops the run here, before Prefect or any arm starts
+        probe_store(cfg.store)
+    except ConfigError as err:
+        _fail(err)
     _prefect_defaults()
     # The result line must be the last line of output: Prefect stops its temporary server (and
     # logs that) from an exit handler, so print ours from one registered earlier (they run LIFO).
@@ -88,7 +95,7 @@ def run(
         if shutdown.fired:  # an interrupt that surfaced as another error on its way out
             shutdown.finish_and_exit()
         _fail(f"the experiment failed: {err}", code=1)
-    _print_summary(Path(result["store"]))
+    _print_summary(result["store"])
     final_line.append(f"run_id={result['run_id']} decision={result['decision']} store={result['store']}")
 
 
@@ -102,11 +109,18 @@ def _shutdown(store: str, run_id: str) -> BoundedShutdown:
     return BoundedShutdown(lambda: finish_run(store, run_id, say), say=say)
 
 
-def _print_summary(run_dir: Path) -> None:
+def _print_summary(run_dir: str | Path | RunStore) -> None:
+    """The summary table of a run: its directory, its store, or a flow result's `store` (a directory or
+    an object store URL ending in the run id)."""
     from guided_ab.reports.console import summary_table
+    from guided_ab.storage import is_object_store
+    from guided_ab.store import RunStore
 
     try:
-        out.print(summary_table(run_dir))
+        if isinstance(run_dir, str) and is_object_store(run_dir):
+            root, _, run_id = run_dir.rstrip("/").rpartition("/")
+            run_dir = RunStore(root, run_id)
+        out.print(summary_table(run_dir if isinstance(run_dir, RunStore) else Path(run_dir)))
     except Exception as err:  # a summary must never hide the result line
         console.print(Text(f"(no summary table: {err})"))
 
@@ -138,8 +152,8 @@ def evaluate(
         decision = phases.decide_run(rs, overrides)
     except ValueError as err:  # UserError (ConfigError, RunStateError) and pydantic's validation errors
         _fail(err)
-    _print_summary(rs.dir)
-    print(f"run_id={run_id} decision={decision['verdict']} store={rs.dir}")
+    _print_summary(rs)
+    print(f"run_id={run_id} decision={decision['verdict']} store={rs.location}")
 
 
 def _phase_command(name: str, flow_path: str, doc: str):
@@ -179,6 +193,56 @@ _phase_command("ab", "flows.ab.ab", "Phase A/B: send (the rest of) the paired A/
 _phase_command("decide-teardown", "flows.decide_teardown.decide_teardown", "Phase decide/teardown: stop the run's endpoints and decide.")
 
 
+@app.command()
+def sweep(
+    config: Path = typer.Argument(..., help="experiment config, e.g. configs/local.yaml (its `sweep` block, or the defaults)"),
+    run_id: str | None = typer.Option(None, help="resume this sweep run (complete steps are kept)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print what the sweep will send; start nothing"),
+) -> None:
+    """Rate sweep through Prefect: per arm, one at a time, the closed-loop maximum, then a ladder of
+    open-loop rates up to and past it; the knee, and sweep-report.html with the curves."""
+    from guided_ab.phases import workload_items
+    from guided_ab.store import check_run_id, new_run_id
+    from guided_ab.sweep import describe
+
+    try:
+        cfg = load_config(config)
+        workload_items(cfg)
+        if run_id is not None:
+            check_run_id(run_id)
+    except ConfigError as err:
+        _fail(err)
+    if dry_run:
+        out.print(describe(cfg), highlight=False, soft_wrap=True, markup=False)
+        return
+    _prefect_defaults()
+    final_line: list[str] = []  # printed after Prefect's exit handlers (see `run`)
+    atexit.register(lambda: final_line and print(final_line[0], flush=True))
+    from flows.sweep import sweep as sweep_flow
+    from guided_ab.reports.sweep_report import knee_text
+
+    run_id = run_id or new_run_id(f"{cfg.name}-sweep"[:60])
+    shutdown = _shutdown(cfg.store, run_id)
+    try:
+        with shutdown:
+            result = sweep_flow(config_path=str(config), run_id=run_id)
+    except KeyboardInterrupt:  # records kept, endpoints stopped, exit 130; `--run-id` resumes
+        shutdown.finish_and_exit()
+    except UserError as err:
+        _fail(err)
+    except Exception as err:
+        if shutdown.fired:
+            shutdown.finish_and_exit()
+        _fail(f"the sweep failed: {err}", code=1)
+    import json
+
+    summary = json.loads((Path(result["store"]) / "sweep.json").read_text())
+    for arm, a in summary["arms"].items():
+        out.print(knee_text(arm, a), highlight=False, soft_wrap=True, markup=False)
+    knees = ",".join(f"{arm}:{'none' if r is None else f'{r:.3g}'}" for arm, r in result["knees"].items())
+    final_line.append(f"run_id={result['run_id']} knees={knees} report={result['report']}")
+
+
 @app.command(name="continue")
 def continue_(
     run_id: str = typer.Option(..., "--run-id"),
@@ -208,7 +272,7 @@ def continue_(
         _fail(err)
     except Exception as err:
         _fail(f"the continuation failed: {err}", code=1)
-    _print_summary(Path(result["store"]))
+    _print_summary(result["store"])
     final_line.append(f"run_id={run_id} decision={result['decision']} continued={result['continued']} store={result['store']}")
 
 
@@ -296,21 +360,26 @@ def report(
     html_only: bool = typer.Option(False, "--html", help="print only the path of report.html"),
 ) -> None:
     """Print a run's report (decision, criteria, arms) and where its HTML report is; --open opens it."""
+    from guided_ab.storage import is_object_store
     from guided_ab.store import RunStore, list_runs
 
-    if run_id == "latest":
-        found = list_runs(store)
-        if not found:
-            _fail(f"no runs under {Path(store).resolve()}: `guided-ab run configs/local.yaml` starts one")
-        run_id = found[0].name
     try:
+        if run_id == "latest":
+            if is_object_store(store):
+                from guided_ab.storage_object import list_object_runs
+
+                found_ids = list_object_runs(store)
+            else:
+                found_ids = [d.name for d in list_runs(store)]
+            if not found_ids:
+                _fail(f"no runs under {store if is_object_store(store) else Path(store).resolve()}: `guided-ab run configs/local.yaml` starts one")
+            run_id = found_ids[0]
         rs = RunStore.open(store, run_id)
     except ConfigError as err:
         _fail(err)
     if not rs.has("decision.json"):
         _fail(f"run {run_id} has no decision yet: run `guided-ab evaluate --run-id {run_id} --store {store}` first")
-    html = rs.path("report.html")
-    if not html.is_file() or not rs.has("report.md"):  # a run decided before the HTML report existed
+    if not rs.has("report.html") or not rs.has("report.md"):  # a run decided before the HTML report existed
         from guided_ab.reports.files import write_reports
 
         try:
@@ -320,19 +389,43 @@ def report(
             _fail(f"cannot write the report of run {run_id}: {err}")
         except Exception as err:  # noqa: BLE001 - damaged results: say so, no traceback
             _fail(f"cannot write the report of run {run_id} (its results look damaged): {type(err).__name__}: {err}", code=1)
+    html = _local_report(rs)
     if html_only:
-        print(html)
+        print(html if html is not None else rs.uri("report.html"))
         return
     from rich.markdown import Markdown
 
-    out.print(Markdown(rs.path("report.md").read_text()))
-    _print_summary(rs.dir)
+    out.print(Markdown(rs.read_text("report.md")))
+    _print_summary(rs)
+    if html is None:  # a run in an object store, not copied here: its URL
+        out.print(Text(f"HTML report (plots): {rs.uri('report.html')} (`--open` copies it here and opens it)"), highlight=False)
+        if not open_browser:
+            return
+        html = _local_report(rs, download=True)
+        assert html is not None
     out.print(Text.assemble("HTML report (plots): ", (str(html), Style(link=html.as_uri()))), highlight=False)
     if open_browser:
         import webbrowser
 
         if not webbrowser.open(html.as_uri()):
             console.print(Text(f"no browser to open here; copy {html} to a machine with one"))
+
+
+def _local_report(rs: RunStore, download: bool = False) -> Path | None:
+    """report.html on this machine: the run directory's, or (a run in an object store, `download`)
+    a copy with its plot PNGs in the run's machine-local directory; None for an object store otherwise."""
+    if rs.location == str(rs.dir):
+        return rs.path("report.html")
+    if not download:
+        return None
+    from guided_ab.reports.plots import KEY_PLOTS
+
+    copy = rs.dir / "report"
+    copy.mkdir(parents=True, exist_ok=True)
+    for name in ("report.html", *KEY_PLOTS):
+        if rs.has(name):
+            (copy / name).write_bytes(rs.read_bytes(name))
+    return copy / "report.html"
 
 
 @app.command()
