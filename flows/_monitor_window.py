@@ -55,7 +55,9 @@ def set_window_schedule(run_id: str, store: str, cadence_hours: float, active: b
     return done
 
 
-def alert(run_id: str, result: dict[str, Any]) -> None:
-    """Emit the revert recommendation as a Prefect event (what an automation fires on)."""
+def alert(run_id: str, store: str, result: dict[str, Any]) -> None:
+    """Emit the revert recommendation as a Prefect event (what an automation fires on). The payload
+    carries the store the run lives in: the revert automation passes it on (prefect.yaml), so the
+    revert opens the same run the monitoring run judged, whatever store the window was opened on."""
     emit_event(event=ALERT_EVENT, resource={"prefect.resource.id": f"guided-ab.run.{run_id}", "prefect.resource.name": run_id},
-               payload={"reason": result.get("reason"), "run": result.get("run"), "pairs": result.get("pairs")})
+               payload={"reason": result.get("reason"), "run": result.get("run"), "pairs": result.get("pairs"), "store": store})

@@ -23,10 +23,10 @@ def monitor(run_id: str, store: str = DEFAULT_STORE) -> dict:
     if result["final"]:
         set_window_schedule(run_id, store, prod.cadence_hours, active=False)
     if result["alert"]:
-        alert(run_id, result)
+        alert(run_id, store, result)
     if result["ran"]:
         create_markdown_artifact(
             f"# Monitoring run {result['run']}/{result['planned_runs']}: {result['verdict']}\n\n{result['reason']}\n\n"
-            f"Report: `{rs.path('monitor-report.html')}`", key=f"{cfg.name}-monitoring"[:100],
+            f"Report: `{rs.where('monitor-report.html')}`", key=f"{cfg.name}-monitoring"[:100],
             description=f"run {run_id}: {result['verdict']}")
     return result

@@ -19,6 +19,8 @@ far / planned pairs), so the intervals hold at every run of the window at once. 
 - at the window's end (its planned runs done, or its time over): `keep` when both guardrails are
   met over the whole window, `revert` when one is broken, else `production.if_unclear`; a `keep`
   stops the live control (promote.end_window).
+Production that does not answer is evidence, not an error: the run waits for the control, sends
+anyway, and production's failed requests count against it (`_wait_endpoints`).
 Requests come from the team's traffic when the workload replays a file (`workload.suite: x.jsonl`),
 else from the suite; each run draws its own seeded sample, and repeats of a schema across runs are
 one unit (sequential.py).
@@ -40,8 +42,11 @@ import pandas as pd
 from guided_ab import phases, promote
 from guided_ab.analysis import sequential as Q
 from guided_ab.analysis.stats import jsonable
+from guided_ab.arms.base import Endpoint
 from guided_ab.arms.targets import wait_arm
+from guided_ab.errors import ArmNotReady
 from guided_ab.load.runner import run_plan
+from guided_ab.load.server_metrics import scraped
 from guided_ab.plan import Plan, extend_plan
 from guided_ab.store import RunStore
 from guided_ab.workload import more_items
@@ -51,6 +56,7 @@ PHASE = "monitor"
 STATE = "monitoring.json"
 PLAN = "plan-monitor.json"
 ALERT_EVENT = "guided-ab.monitor.revert-recommended"
+PRODUCTION_ANSWER_S = 15.0  # an external production endpoint that does not answer this long is down (_wait_endpoints)
 
 
 def state(store: RunStore) -> dict[str, Any]:
@@ -84,6 +90,23 @@ def _next_run_plan(store: RunStore, plan: Plan, run: int) -> Plan:
                       warmup_items=phases._warmups(cfg.workload.warmup))
     store.write_json(PLAN, new.model_dump())
     return new
+
+
+def _wait_endpoints(endpoints: dict[str, Endpoint], rec: dict[str, Any], start_s: float, modal_start_s: float, log: Log) -> None:
+    """Wait for the live control (scaled to zero, it cold-starts), then for production. A Modal
+    production app may be scaling up from zero too: it gets the same wait. An external production
+    endpoint serves users right now: one that does not answer within PRODUCTION_ANSWER_S is down,
+    and that is what this run must record (its requests fail: a regression the window sees), not
+    a reason to end the monitoring run with an error while users get no answers."""
+    def deadline(ep: Endpoint) -> float:
+        return max(start_s, modal_start_s if ep.target == "modal" else 0)
+
+    wait_arm(endpoints[rec["control"]], deadline(endpoints[rec["control"]]))  # the control must answer: else nothing compares
+    prod = endpoints[rec["serve"]]
+    try:
+        wait_arm(prod, deadline(prod) if prod.target == "modal" else min(start_s, PRODUCTION_ANSWER_S))
+    except ArmNotReady as err:
+        log(f"production ({prod.base_url}) does not answer: {err}; its requests are sent anyway and recorded as failures")
 
 
 def _records(store: RunStore) -> pd.DataFrame:
@@ -154,11 +177,11 @@ def monitor_once(store: RunStore, *, log: Log = print, now: float | None = None)
     look = plan.looks[-1]
     endpoints = promote.monitor_endpoints(store, rec)
     t0 = time.time()
-    for ep in endpoints.values():  # a control scaled to zero cold-starts: wait for it (warm-ups follow)
-        wait_arm(ep, max(cfg.server_start_timeout_s, cfg.control.modal.startup_timeout_s if ep.target == "modal" else 0))
+    _wait_endpoints(endpoints, rec, cfg.server_start_timeout_s, cfg.control.modal.startup_timeout_s, log)
     with store.phase_lock(PHASE):
         try:
-            asyncio.run(run_plan(plan, endpoints, store, cfg.workload))
+            asyncio.run(scraped(run_plan(plan, endpoints, store, cfg.workload), store, PHASE, endpoints,
+                                interval_s=cfg.workload.metrics_interval_s))  # the servers' /metrics beside it
         finally:
             store.finalize_records(PHASE)
     sent_s = time.time() - t0

@@ -103,7 +103,9 @@ def plan(store: RunStore, now: float | None = None) -> dict[str, Any]:
     new, old = cfg.arm(decision["serve"]), cfg.control
     now = time.time() if now is None else now
     if prod.target == "modal":
-        deploy = [{"app": prod.app_name, "role": "production", "arm": new.name, "backend": new.backend, "model": new.model},
+        r = new.modal.replicas  # production serves the team's traffic: the winner's own replicas (min/max, target)
+        deploy = [{"app": prod.app_name, "role": "production", "arm": new.name, "backend": new.backend, "model": new.model,
+                   "replicas": r.model_dump(mode="json")},
                   {"app": prod.control_app, "role": "control", "arm": old.name, "backend": old.backend, "model": old.model,
                    "min_containers": CONTROL_MIN_CONTAINERS}]
         where = {"target": "modal", "app_name": prod.app_name, "control_app_name": prod.control_app}
@@ -123,6 +125,11 @@ def plan(store: RunStore, now: float | None = None) -> dict[str, Any]:
     }
 
 
+def _replicas_text(r: dict[str, Any]) -> str:
+    target = f", autoscaler target {r['target_inputs']} requests each" if r.get("target_inputs") else ""
+    return f", {r['min_containers']}-{r['max_containers']} container(s) (modal.replicas{target})"
+
+
 def describe(p: dict[str, Any], *, dry_run: bool) -> str:
     """The plan as text (the dry run prints exactly this)."""
     w = p["window"]
@@ -132,7 +139,8 @@ def describe(p: dict[str, Any], *, dry_run: bool) -> str:
     lines += [f"  change {c['field']}: {c['from']} -> {c['to']}" for c in p["changes"] if c["field"] != "modal"]
     for d in p["deploy"]:
         lines.append(f"  deploy Modal app '{d['app']}' ({d['role']}): arm '{d['arm']}', backend {d['backend']}, model {d['model']}"
-                     + (", scaled to zero between monitoring runs" if d.get("min_containers") == 0 else ""))
+                     + (", scaled to zero between monitoring runs" if d.get("min_containers") == 0 else "")
+                     + (_replicas_text(d["replicas"]) if d.get("replicas") else ""))
     for s in p["operator_steps"]:
         lines.append(f"  operator: {s}")
     lines.append(f"  monitoring window: {w['planned_runs']} run(s) every {w['cadence_hours']:g} h, {w['pairs_per_run']} pairs each "
@@ -148,12 +156,13 @@ def describe(p: dict[str, Any], *, dry_run: bool) -> str:
 def _deploy_modal(arm: Arm, app: str, run_id: str, role: str) -> str:
     """Deploy (or redeploy) `arm`'s configuration as the Modal app `app`; its URL. The live
     control is scaled to zero between monitoring runs (CONTROL_MIN_CONTAINERS): it is paid for
-    while a monitoring run sends, plus its scale-down window."""
+    while a monitoring run sends, plus its scale-down window. The production app runs the arm's
+    own `modal.replicas` (min/max containers, autoscaler target): a production rate may need several."""
     modal_target.check_arm(arm)
-    from modal_apps.vllm_arm import MIN_CONTAINERS, ArmSpec, build_app
+    from modal_apps.vllm_arm import ArmSpec, build_app
 
     tags = {**modal_target.app_tags(run_id, arm.name), "guided-ab-role": role}
-    warm = CONTROL_MIN_CONTAINERS if role == "control" else MIN_CONTAINERS
+    warm = CONTROL_MIN_CONTAINERS if role == "control" else None  # None: the arm's replicas.min_containers
     try:
         url = modal_target.sdk().deploy_app(build_app(ArmSpec(arm=arm, app_name=app, tags=tags, min_containers=warm)), app)
     except (ConfigError, modal_target.ModalTargetError):

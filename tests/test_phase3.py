@@ -1,7 +1,10 @@
 """Phase 3 (issue 20): promote the A/B's winner, watch production against a live control over one
 sequential window, end in keep or revert. End to end against the loopback fault server (external
 arms stand in for production and the control; a switch of the server's mode makes production
-worse mid-window); offline promote/revert on Modal against a fake of the thin SDK layer only."""
+worse mid-window; the revert automation of prefect.yaml, created on the test API as `prefect
+deploy` creates it, fires on the alert and its flow run waits for a sign-off); offline
+promote/revert on Modal against a fake of the thin SDK layer only. tests/test_phase3_vllm.py runs
+the window on real local vLLM servers."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from test_modal_target import FakeModal
+from test_prefect_production import _resume
 from test_sequential import _run
 
 from guided_ab import monitor, promote
@@ -60,15 +65,42 @@ def _one_record_per_request(store: RunStore) -> None:
     assert len(ids) == len(set(ids)) == len(plan["requests"])
 
 
+def _deployment_spec(name: str) -> dict:
+    return next(d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"] if d["name"] == name)
+
+
+def create_deployment(name: str):
+    """prefect.yaml's deployment `name` on the test API (its flow and entrypoint; no work pool: the
+    tests run its flow runs themselves), and its automations from the deployment's `triggers`, as
+    `prefect deploy` creates them (prefect/cli/deploy/_triggers.py: each trigger validated as a
+    DeploymentTrigger, bound to the deployment, created as an automation; the deployment's old
+    automations deleted first, so a second call does not fire twice). Its id."""
+    from prefect.client.orchestration import get_client
+    from prefect.events import DeploymentTriggerTypes
+    from pydantic import TypeAdapter
+
+    spec = _deployment_spec(name)
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name(spec["entrypoint"].rsplit(":", 1)[1])
+        dep_id = client.create_deployment(flow_id=flow_id, name=name, entrypoint=spec["entrypoint"])
+        client.delete_resource_owned_automations(f"prefect.deployment.{dep_id}")
+        for i, t in enumerate(spec.get("triggers") or [], start=1):
+            trigger = TypeAdapter(DeploymentTriggerTypes).validate_python({"name": f"{name}__automation_{i}", **t})
+            trigger.set_deployment_id(dep_id)
+            client.create_automation(trigger.as_automation())
+    return dep_id
+
+
 @pytest.fixture()
 def monitor_deployment(prefect_harness):
     """The `monitor` deployment of prefect.yaml on the test API (what promote puts the window's schedule on)."""
-    from prefect.client.orchestration import get_client
+    return create_deployment("monitor")
 
-    with get_client(sync_client=True) as client:
-        flow_id = client.create_flow_from_name("monitor")
-        dep_id = client.create_deployment(flow_id=flow_id, name="monitor", entrypoint="flows/monitor.py:monitor")
-    return dep_id
+
+@pytest.fixture()
+def revert_deployment(prefect_harness):
+    """The `revert` deployment of prefect.yaml with its automation (fires on the monitor's alert)."""
+    return create_deployment("revert")
 
 
 def _window_schedule(dep_id, run_id: str):
@@ -76,6 +108,53 @@ def _window_schedule(dep_id, run_id: str):
 
     with get_client(sync_client=True) as client:
         return [s for s in client.read_deployment_schedules(dep_id) if s.slug == f"window-{run_id}"]
+
+
+def automation_runs(dep_id, run_id: str, *, wait_s: float = 0.0) -> list:
+    """The flow runs of the revert deployment for `run_id` (the automation's), after waiting up to
+    wait_s for the first (the trigger service reacts to the event within a second or two)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            runs = [fr for fr in client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep_id])))
+                    if fr.parameters.get("run_id") == run_id]
+            if runs or time.monotonic() > deadline:
+                return runs
+            time.sleep(0.5)
+
+
+def run_with_sign_off(flow_run, answer: dict):
+    """Run a flow run of the revert deployment as a worker would (the flow engine on that flow run,
+    in a thread here) and answer its sign-off form through the API as a reviewer does in the UI.
+    The flow's return value; the test fails if it never pauses for the form."""
+    import contextvars
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+
+    from flows.revert import revert as revert_flow
+
+    with ThreadPoolExecutor(1) as pool:
+        # the harness's settings live in context variables: the flow's thread needs them too
+        done = pool.submit(contextvars.copy_context().run, run_flow, revert_flow, flow_run=flow_run,
+                           parameters=flow_run.parameters, return_type="state")
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while not client.read_flow_run(flow_run.id).state.is_paused():
+                assert not done.done(), f"the revert ended without asking for a sign-off: {done.result()}"
+                assert time.monotonic() < deadline, "the revert never paused for its sign-off"
+                time.sleep(0.5)
+        _resume(flow_run.id, answer)
+        state = done.result(timeout=120)
+    assert state.is_completed(), state
+    return state.result()
 
 
 def test_promote_three_monitoring_runs_one_window_keep(tmp_path, key_env, monitor_deployment):
@@ -117,15 +196,13 @@ def test_promote_three_monitoring_runs_one_window_keep(tmp_path, key_env, monito
     assert "running interval" in page and "<svg" in page and "keep" in page
 
 
-def test_production_made_worse_mid_window_recommends_revert_early(tmp_path, key_env, monitor_deployment, monkeypatch):
-    import flows._monitor_window as window
+def test_production_made_worse_mid_window_recommends_revert_early(tmp_path, key_env, monitor_deployment, revert_deployment):
+    """The alert fires prefect.yaml's automation for real: the test Prefect server's trigger
+    service creates a flow run of the `revert` deployment for this run (its store passed on), which
+    waits for a sign-off; approved, it reverts. Nothing is sent after the early stop."""
     from flows.monitor import monitor as monitor_flow
     from flows.promote import promote as promote_flow
-    from flows.revert import revert as revert_flow
 
-    fired: list[dict] = []
-    real_emit = window.emit_event
-    monkeypatch.setattr(window, "emit_event", lambda **kw: fired.append(kw) or real_emit(**kw))
     root = tmp_path / "runs"
     with FaultServer("healthy", api_key=KEY, delay_s=0.05) as control, FaultServer("healthy", api_key=KEY, delay_s=0.02) as prod:
         store = _ab(_config(root, control.url, prod.url, FIVE_RUNS), "worse")
@@ -136,28 +213,43 @@ def test_production_made_worse_mid_window_recommends_revert_early(tmp_path, key_
         results = [first]
         while not results[-1]["final"] and len(results) < 5:
             results.append(monitor_flow(run_id="worse", store=str(root)))
+        assert results[-1]["verdict"] == "revert" and results[-1]["early"] and len(results) < 5, [r["reason"] for r in results]
+        assert results[-1]["alert"] and "success" in results[-1]["reason"]
+        (fired,) = automation_runs(revert_deployment, "worse", wait_s=60)  # the automation fired, once
+        assert fired.parameters == {"run_id": "worse", "store": str(root), "reason": "revert recommended by the monitoring window",
+                                    "ask_sign_off": True}
+        assert promote.load(store)["status"] == "revert-recommended"  # nothing reverted before the sign-off
         sent_before = prod.stats["chat"] + control.stats["chat"]
         later = monitor.monitor_once(store, log=lambda m: None)
         assert prod.stats["chat"] + control.stats["chat"] == sent_before and later["ran"] is False  # nothing sent any more
-        reverted = revert_flow(run_id="worse", store=str(root), reason="regression")
-    assert results[-1]["verdict"] == "revert" and results[-1]["early"] and len(results) < 5, [r["reason"] for r in results]
-    assert results[-1]["alert"] and "success" in results[-1]["reason"]
-    assert [f["event"] for f in fired] == [monitor.ALERT_EVENT] and fired[0]["resource"]["prefect.resource.name"] == "worse"
-    # ... which is what the automation on the `revert` deployment (prefect.yaml) fires on
-    import fnmatch
-
-    import yaml
-
-    (trigger,) = next(d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"] if d["name"] == "revert")["triggers"]
-    assert monitor.ALERT_EVENT in trigger["expect"] and trigger["enabled"]
-    assert fnmatch.fnmatch(fired[0]["resource"]["prefect.resource.id"], trigger["match"]["prefect.resource.id"])
-    assert trigger["parameters"]["run_id"] == "{{ event.resource.name }}" and trigger["parameters"]["ask_sign_off"] is True
+        reverted = run_with_sign_off(fired, {"decision": "approve", "reason": "errors in production", "reviewer": "oncall"})
     assert not _window_schedule(monitor_deployment, "worse")[0].active  # no more monitoring runs scheduled
     assert store.read_json("monitoring.json")["stopped_because"] == "regression"
     assert reverted["status"] == "reverted" and "backend guidance" in reverted["text"]
-    assert store.read_json("promotion.json")["ended"]["how"] == "reverted"
+    ended = store.read_json("promotion.json")["ended"]
+    assert ended["how"] == "reverted" and ended["reason"] == "revert recommended by the monitoring window"
+    assert len(automation_runs(revert_deployment, "worse")) == 1
     with pytest.raises(RunStateError, match="has ended"):
         promote.revert(store, log=lambda m: None)
+
+
+def test_a_rejected_revert_sign_off_leaves_production_as_it_is(tmp_path, revert_deployment):
+    """The revert's own sign-off (ask_sign_off, as the automation passes it): a rejection reverts
+    nothing and leaves the window as it was. (A promoted external run: nothing is sent, so its
+    `switch` is written as the decide step writes it, no A/B needed.)"""
+    cfg = parse_config(_config(tmp_path / "runs", "http://127.0.0.1:9", "http://127.0.0.1:9", THREE_RUNS))
+    store = RunStore.create(cfg, "reject")
+    store.write_json("decision.json", {"verdict": "switch", "serve": "auto", "control": "guidance", "reasons": []})
+    promote.promote(store, log=lambda m: None)
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # a revert flow run asked for by hand (the UI's "Run" on the deployment)
+        fr = client.create_flow_run_from_deployment(revert_deployment, parameters={
+            "run_id": "reject", "store": str(tmp_path / "runs"), "ask_sign_off": True})
+    out = run_with_sign_off(fr, {"decision": "reject", "reason": "the control's host is flaky", "reviewer": "oncall"})
+    assert out["text"] == "revert rejected: the control's host is flaky"
+    rec = promote.load(store)
+    assert rec["status"] == "monitoring" and "ended" not in rec
 
 
 def test_a_monitoring_run_killed_before_its_verdict_resumes_without_resending(tmp_path, key_env):
@@ -175,6 +267,29 @@ def test_a_monitoring_run_killed_before_its_verdict_resumes_without_resending(tm
     assert again["run"] == 1 and again["pairs"] == 20
     assert late["run"] == 2 and late["final"] and not late["early"] and late["verdict"] == "keep", late["reason"]
     _one_record_per_request(store)
+
+
+def test_production_that_stops_answering_is_recorded_as_failures_not_an_error(tmp_path, key_env, monkeypatch):
+    """An outage of production mid-window: the monitoring run waits for it a short while
+    (PRODUCTION_ANSWER_S; shortened here), then sends anyway; production's requests are recorded
+    as connection errors and count against it (no exception ends the run, the window sees it)."""
+    monkeypatch.setattr(monitor, "PRODUCTION_ANSWER_S", 2.0)
+    logs: list[str] = []
+    with FaultServer("healthy", api_key=KEY, delay_s=0.05) as control:
+        prod = FaultServer("healthy", api_key=KEY, delay_s=0.02).start()
+        store = _ab(_config(tmp_path / "runs", control.url, prod.url, FIVE_RUNS), "outage")
+        promote.promote(store, log=lambda m: None)
+        assert monitor.monitor_once(store, log=logs.append)["verdict"] == "continue"
+        prod.stop()
+        second = monitor.monitor_once(store, log=logs.append)
+    assert second["ran"] and second["run"] == 2
+    assert any("does not answer" in m and "recorded as failures" in m for m in logs), logs
+    df = store.records(("monitor",))
+    down = df[(df.arm == "auto") & (df.pair_index >= 20)]
+    assert len(down) == 20 and set(down.outcome) == {"connection_error"}
+    assert (df[(df.arm == "guidance") & (df.pair_index >= 20)].outcome == "success").any()  # the control answered
+    run2 = store.read_json("monitoring.json")["runs"][-1]
+    assert run2["point"]["success_diff"] < 0 and second["verdict"] == "revert", second["reason"]  # it counts against production
 
 
 def test_promote_refuses_a_run_that_is_not_a_switch(tmp_path):
@@ -214,14 +329,22 @@ def _backend_of(app) -> str:
     return synchronizer._translate_in(app)._local_state_attr.tags["guided-ab-backend"]
 
 
+def _modal_store(tmp_path: Path, auto_replicas: dict | None = None) -> RunStore:
+    """A finished `switch` to auto of the Modal example config, its production block on Modal."""
+    data = load_config(REPO / "configs" / "auto-vs-guidance.yaml").model_dump(mode="json")
+    if auto_replicas:
+        auto = next(a for a in data["arms"] if a["name"] == "auto")
+        auto["modal"]["replicas"] = {**auto["modal"]["replicas"], **auto_replicas}
+    cfg = parse_config({**data, "store": str(tmp_path / "runs"), "production": {"target": "modal", "app_name": "team-llm"}})
+    store = RunStore.create(cfg, "auto-vs-guidance-20251027-120000-ab12")
+    store.write_json("decision.json", {"verdict": "switch", "serve": "auto", "control": "guidance", "reasons": []})
+    return store
+
+
 @pytest.fixture()
 def modal_store(tmp_path, monkeypatch):
     monkeypatch.setenv(modal_target.API_KEY_ENV, "test-key")
-    cfg = load_config(REPO / "configs" / "auto-vs-guidance.yaml")
-    cfg = parse_config({**cfg.model_dump(mode="json"), "store": str(tmp_path / "runs"),
-                        "production": {"target": "modal", "app_name": "team-llm"}})
-    store = RunStore.create(cfg, "auto-vs-guidance-20251027-120000-ab12")
-    store.write_json("decision.json", {"verdict": "switch", "serve": "auto", "control": "guidance", "reasons": []})
+    store = _modal_store(tmp_path)
     fake = FakeModal()
     with modal_target.use_sdk(fake):
         yield store, fake
@@ -268,3 +391,54 @@ def test_modal_promote_then_revert_deploy_the_right_apps_with_the_right_backends
     assert {a.name for a in fake.apps.values() if a.live} == {"team-llm"}  # nothing else left running
     assert rec["status"] == "reverted" and rec["ended"]["stopped"][0]["stopped"] is True
     assert rec["ended"]["stopped"][0]["cost_usd"] >= 0
+
+
+def test_modal_promote_serves_production_with_the_winners_replicas(tmp_path, monkeypatch):
+    """Production takes the team's traffic: promote deploys the winner with its own
+    `modal.replicas` (the A/B's one warm container is not a production size); the dry run says
+    so; the live control still scales to zero."""
+    from test_modal_replicas import _function_settings
+
+    monkeypatch.setenv(modal_target.API_KEY_ENV, "test-key")
+    store = _modal_store(tmp_path, {"min_containers": 2, "max_containers": 6, "target_inputs": 8})
+    fake = FakeModal()
+    with modal_target.use_sdk(fake):
+        dry = promote.promote(store, dry_run=True, log=lambda m: None)
+        assert "'team-llm' (production): arm 'auto', backend auto, model" in dry["text"]
+        assert "2-6 container(s) (modal.replicas, autoscaler target 8 requests each)" in dry["text"] and fake.deployed == []
+        promote.promote(store, log=lambda m: None)
+    settings = {name: _function_settings(app) for app, name in fake.deployed}
+    max_inputs = store.load_config().arm("auto").modal.max_concurrent_inputs
+    assert settings["team-llm"] == {"min_containers": 2, "max_containers": 6, "target_inputs": 8, "max_inputs": max_inputs}
+    assert settings["team-llm-control"]["min_containers"] == 0
+
+
+# -- the example configs ------------------------------------------------------------------------
+def test_the_phase3_example_config_plans_a_week_against_a_live_control(tmp_path, monkeypatch):
+    """configs/phase3-local.yaml: the embedded default's A/B with an external production block;
+    after a switch, the dry run names the operator's steps and the week's pre-registered shape."""
+    cfg = load_config(REPO / "configs" / "phase3-local.yaml")
+    cfg = parse_config({**cfg.model_dump(mode="json"), "store": str(tmp_path / "runs")})
+    assert [a.target for a in cfg.arms] == ["local", "local"] and cfg.production.target == "external"
+    store = RunStore.create(cfg, "phase3-local-1")
+    store.write_json("decision.json", {"verdict": "switch", "serve": "auto", "control": "guidance", "reasons": []})
+    text = promote.promote(store, dry_run=True, log=lambda m: None)["text"]
+    assert "operator: on the production server (http://127.0.0.1:8000), start vLLM with " \
+           "`--structured-outputs-config.backend auto`" in text
+    assert "keep http://127.0.0.1:8001 serving `guidance`" in text
+    assert "7 run(s) every 24 h, 20 pairs each (140 planned pairs), margins: success -5.0%, latency ratio 1.100" in text
+    assert not store.has("promotion.json")
+
+
+def test_the_commented_modal_production_block_is_valid_when_uncommented():
+    """configs/auto-vs-guidance.yaml carries the Modal production block as a comment (a team
+    pre-registers it by uncommenting): uncommented as written, it loads and names the apps."""
+    text = (REPO / "configs" / "auto-vs-guidance.yaml").read_text()
+    lines = text.splitlines()
+    start = lines.index("# production:")
+    block = [ln[2:] for ln in lines[start:] if ln.startswith("# ")]
+    assert len(block) > 3
+    data = yaml.safe_load(text) | yaml.safe_load("\n".join(block))
+    cfg = parse_config(data)
+    assert cfg.production.target == "modal" and cfg.production.control_app == "qwen-vllm-inference-control"
+    assert cfg.production.planned_runs == 7 and cfg.production.window_pairs == 140

@@ -10,11 +10,10 @@ grows by one run a day. matplotlib through plots.py's style and SVG writer (one 
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Any
 
 from guided_ab.reports.plots import _figure, _pct_formatter, _style, _svg
-from guided_ab.store import RunStore, atomic_write_text
+from guided_ab.store import RunStore
 
 FILE = "monitor-report.html"
 
@@ -92,9 +91,9 @@ margins: success {w['margins']['success']:+.1%}, latency ratio {w['margins']['la
 """
 
 
-def write(store: RunStore) -> Path:
+def write(store: RunStore) -> str:
+    """Write monitor-report.html through the store (a directory or an object store); where it is."""
     promotion = store.read_json("promotion.json")
     monitoring = store.read_json("monitoring.json", default={})
-    p = store.path(FILE)
-    atomic_write_text(p, render(promotion, monitoring))
-    return p
+    store.write_text(FILE, render(promotion, monitoring))
+    return store.where(FILE)
