@@ -4,8 +4,10 @@ isolated state/cache directories so tests never touch a user's ~/.prefect or ~/.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +41,21 @@ def prefect_harness():
 def output_dir() -> Path:
     OUTPUT_DIR.mkdir(exist_ok=True)
     return OUTPUT_DIR
+
+
+@pytest.fixture(scope="module")
+def loopback(tmp_path_factory):
+    """bench/loopback_server.py on a free port, one per test module: its base URL."""
+    port_file = tmp_path_factory.mktemp("loopback") / "port"
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "loopback_server.py"), "--port", "0", "--port-file", str(port_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 15
+    while not port_file.exists():
+        assert proc.poll() is None, f"loopback server exited: {proc.stderr.read().decode()[-500:]}"
+        assert time.time() < deadline, "loopback server did not start within 15 s"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port_file.read_text().strip()}"
+    proc.terminate()
+    proc.wait(10)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import pytest
 from s3_server import s3_server  # noqa: F401 (the session's S3 API server: a fixture)
 from test_modal_target import CONFIG as MODAL_CONFIG
 from test_modal_target import FakeModal
-from test_prefect_production import base_env, git
+from test_prefect_production import bare_origin, base_env
 
 from guided_ab import phases
 from guided_ab.arms import modal as modal_target
@@ -55,22 +54,6 @@ PHASES = {
 
 
 # -- the distributed experiment ----------------------------------------------------------------
-def _bare_origin(tmp: Path) -> Path:
-    """A bare repository holding this working tree as one commit: what the workers clone."""
-    src = tmp / "src"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for f in filter(None, files):
-        if (REPO / f).is_file():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, src / f)
-    git("init", "-q", cwd=src)
-    git("add", "-A", cwd=src)
-    git("commit", "-q", "-m", "the working tree", cwd=src)
-    git("clone", "-q", "--bare", str(src), str(tmp / "origin.git"), cwd=tmp)
-    return tmp / "origin.git"
-
-
 @pytest.fixture(scope="module")
 def shared_store(s3_server):  # noqa: F811 (the imported fixture)
     """The run store the submitter and the three workers share, on S3 (moto's server), and what a
@@ -130,7 +113,7 @@ def cluster(prefect_harness, shared_store, tmp_path_factory):
 
     t0 = time.monotonic()
     api_url = PREFECT_API_URL.value()
-    origin = _bare_origin(tmp_path_factory.mktemp("git"))
+    origin = bare_origin(tmp_path_factory.mktemp("git"))
     with _client() as c:
         for phase in PHASES:
             c.create_work_pool(WorkPoolCreate(name=f"gab-dist-{phase}", type="process",

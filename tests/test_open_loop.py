@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,23 +28,6 @@ from guided_ab.workload import WorkItem
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = {"type": "object"}
 GOOD = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
-
-
-@pytest.fixture(scope="module")
-def loopback(tmp_path_factory):
-    port_file = tmp_path_factory.mktemp("loopback") / "port"
-    proc = subprocess.Popen(
-        [sys.executable, str(REPO / "bench" / "loopback_server.py"), "--port", "0", "--port-file", str(port_file)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 15
-    while not port_file.exists():
-        assert proc.poll() is None, f"loopback server exited: {proc.stderr.read().decode()[-500:]}"
-        assert time.time() < deadline, "loopback server did not start within 15 s"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port_file.read_text().strip()}"
-    proc.terminate()
-    proc.wait(10)
 
 
 def _configure(url: str, delay_ms: float, tokens: int) -> None:

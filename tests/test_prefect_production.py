@@ -96,6 +96,12 @@ def fresh_clone(tmp_path_factory) -> Path:
     """A clone of a bare repository holding this working tree as one commit (what a team member
     gets with `git clone`); its origin is the bare repository's path."""
     tmp = tmp_path_factory.mktemp("git")
+    git("clone", "-q", str(bare_origin(tmp)), str(tmp / "fresh"), cwd=tmp)
+    return tmp / "fresh"
+
+
+def bare_origin(tmp: Path) -> Path:
+    """A bare repository holding this working tree (tracked and untracked, not ignored files) as one commit."""
     src = tmp / "src"
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
                            check=True).stdout.decode().split("\0")
@@ -107,8 +113,7 @@ def fresh_clone(tmp_path_factory) -> Path:
     git("add", "-A", cwd=src)
     git("commit", "-q", "-m", "the working tree", cwd=src)
     git("clone", "-q", "--bare", str(src), str(tmp / "origin.git"), cwd=tmp)
-    git("clone", "-q", str(tmp / "origin.git"), str(tmp / "fresh"), cwd=tmp)
-    return tmp / "fresh"
+    return tmp / "origin.git"
 
 
 def cli(env, *args, cwd, timeout=300):
