@@ -99,14 +99,14 @@ def run(
     final_line.append(f"run_id={result['run_id']} decision={result['decision']} store={result['store']}")
 
 
-def _shutdown(store: str, run_id: str) -> BoundedShutdown:
+def _shutdown(store: str, run_id: str, resume: str | None = None) -> BoundedShutdown:
     """Ctrl-C while a flow runs: bounded, even when Prefect's API died with it (guided_ab/shutdown.py)."""
     from guided_ab.shutdown import BoundedShutdown, finish_run
 
     def say(message: str) -> None:
         console.print(Text(message), highlight=False, soft_wrap=True)
 
-    return BoundedShutdown(lambda: finish_run(store, run_id, say), say=say)
+    return BoundedShutdown(lambda: finish_run(store, run_id, say, resume), say=say)
 
 
 def _print_summary(run_dir: str | Path | RunStore) -> None:
@@ -222,7 +222,7 @@ def sweep(
     from guided_ab.reports.sweep_report import knee_text
 
     run_id = run_id or new_run_id(f"{cfg.name}-sweep"[:60])
-    shutdown = _shutdown(cfg.store, run_id)
+    shutdown = _shutdown(cfg.store, run_id, resume=f"guided-ab sweep {config} --run-id {run_id}")
     try:
         with shutdown:
             result = sweep_flow(config_path=str(config), run_id=run_id)

@@ -74,7 +74,7 @@ class BoundedShutdown:
                 os._exit(EXIT_STATUS)
 
 
-def finish_run(store_root: str, run_id: str, say: Callable[[str], None]) -> None:
+def finish_run(store_root: str, run_id: str, say: Callable[[str], None], resume: str | None = None) -> None:
     """What an interrupted run must still do, from its run store alone: keep the records (parquet
     from the fsync'd journal), stop the endpoints it started and write teardown.json."""
     from guided_ab import phases
@@ -93,5 +93,5 @@ def finish_run(store_root: str, run_id: str, say: Callable[[str], None]) -> None
             kept += len(rs.journal(phase))
     phases.teardown(rs, log=say)
     say(f"interrupted: {kept} records kept, endpoints stopped (teardown.json); "
-        f"`guided-ab ab --run-id {run_id} --store {store_root}` (or `observe`) resumes the requests, "
-        "without duplicates, once the arms answer again")
+        + (f"`{resume}`" if resume else f"`guided-ab ab --run-id {run_id} --store {store_root}` (or `observe`)")
+        + " resumes the requests, without duplicates, once the arms answer again")
