@@ -171,6 +171,11 @@ class _Child:
             code = 1
             try:
                 os.setsid()
+                # a phase started from a terminal: Ctrl-C raises KeyboardInterrupt. A fork inherits
+                # whatever SIGINT handler (or mask) earlier work in this process left, e.g. another
+                # test's flow run in a long pytest session, which made a SIGINT here do nothing
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
                 fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)

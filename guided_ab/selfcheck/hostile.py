@@ -135,9 +135,7 @@ def fault_sigint_phase(sb: Sandbox) -> str:
     from guided_ab import phases
     from guided_ab.selfcheck.faults import _Child
 
-    # ~4 s of requests in all, the interrupt after the 4th record: a loaded machine may take a
-    # second or more to deliver and act on the signal, and the phase must still be mid-way then
-    with FaultServer("healthy", api_key=sb.key, delay_s=0.6) as srv:
+    with FaultServer("healthy", api_key=sb.key, delay_s=0.25) as srv:
         cfg = sb.config("sigint", srv.url, srv.url, size=6, concurrency=2, timeout_s=5.0)
         store = RunStore.create(cfg, f"sigint-{secrets.token_hex(3)}")
         phases.start_endpoints(cfg, store, log=sb.log)
