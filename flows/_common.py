@@ -1,5 +1,6 @@
 """What every flow shares: where run stores live on a worker, keys from Prefect Secret blocks,
-opening a run from its id, and the run id of an experiment flow run.
+opening a run from its id, the run id of an experiment flow run, and the crash hook that tears
+a flow run's run down.
 
 On a worker, a flow run starts in a fresh clone of the repository in a temporary directory
 (prefect.yaml's pull steps), which is deleted when the run ends; a relative store root
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from guided_ab import phases
+from guided_ab.arms import cores
 from guided_ab.arms.modal import API_KEY_ENV as MODAL_API_KEY_ENV
 from guided_ab.config import ExperimentConfig
 from guided_ab.store import RunStore
@@ -119,3 +122,17 @@ def run_index_path(flow_run_id: str) -> Path:
     d = state_dir() / "flow-runs"
     d.mkdir(parents=True, exist_ok=True)
     return d / f"{flow_run_id}.txt"
+
+
+def teardown_on_crash(flow, flow_run, state) -> None:
+    """Prefect on_crashed / on_cancellation hook of a flow that writes its run index entry
+    (experiment, sweep): stop the arms its run started and free their cores, if the process still
+    can. The flow's own `finally: teardown(...)` may not have run (a crash, a cancellation that
+    stops the process); when it did, stopping again is harmless (phases.teardown is idempotent).
+    A SIGKILL'd process runs no hook at all: the teardown-crashed automation and the hourly reaper
+    cover that. Before the flow has written its entry it has started nothing: nothing to do."""
+    p = run_index_path(str(flow_run.id))
+    if p.is_file():
+        root, run_id = p.read_text().split("\n")[:2]
+        phases.teardown(RunStore.open(root, run_id), log=print)
+        cores.release(run_id)

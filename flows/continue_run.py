@@ -26,14 +26,16 @@ from .deploy import deploy
 from .evaluate import evaluate
 
 
-def _teardown_hook(flow, flow_run, state) -> None:
-    """on_crashed / on_cancellation: stop the arms this continuation started, if the process still can."""
+def _teardown_on_crash(flow, flow_run, state) -> None:
+    """on_crashed / on_cancellation: stop the arms this continuation started, if the process still can.
+    Not flows._common.teardown_on_crash: a continuation names its run in its parameters and writes
+    no run index entry."""
     params = flow_run.parameters or {}
     if params.get("run_id"):
         phases.teardown(RunStore.open(store_root(params.get("store", DEFAULT_STORE)), params["run_id"]), log=print)
 
 
-@flow(name="continue", log_prints=True, on_crashed=[_teardown_hook], on_cancellation=[_teardown_hook])
+@flow(name="continue", log_prints=True, on_crashed=[_teardown_on_crash], on_cancellation=[_teardown_on_crash])
 def continue_run(run_id: str, max_pairs: int, store: str = DEFAULT_STORE, pairs_per_look: int | None = None,
                  force: bool = False) -> dict:
     """Raise the run's cap to `max_pairs` A/B pairs in all, send looks until settled or capped, decide."""

@@ -20,13 +20,20 @@ from prefect import Flow, flow, get_run_logger
 from prefect.runtime import flow_run as current_flow_run
 
 from guided_ab import phases, resume
-from guided_ab.arms import cores
 from guided_ab.config import load_config
 from guided_ab.limits import limits
 from guided_ab.store import RunStore
 from tasks.endpoints import teardown
 
-from ._common import flow_run_run_id, key_envs, keys_from_secret_blocks, name_flow_run, run_index_path, store_root
+from ._common import (
+    flow_run_run_id,
+    key_envs,
+    keys_from_secret_blocks,
+    name_flow_run,
+    run_index_path,
+    store_root,
+    teardown_on_crash,
+)
 from ._concurrency import local_cores_slot
 from .ab import ab
 from .decide_teardown import decide_teardown
@@ -46,16 +53,7 @@ def _phase(phase_flow: Flow[P, R], timeout_s: float) -> Flow[P, R]:
     return phase_flow.with_options(timeout_seconds=timeout_s, persist_result=False)
 
 
-def _teardown_hook(flow, flow_run, state) -> None:
-    """on_crashed / on_cancellation: stop what the run started, if the process still can."""
-    p = run_index_path(str(flow_run.id))
-    if p.is_file():
-        root, run_id = p.read_text().split("\n")[:2]
-        phases.teardown(RunStore.open(root, run_id), log=print)
-        cores.release(run_id)
-
-
-@flow(name="experiment", log_prints=True, on_crashed=[_teardown_hook], on_cancellation=[_teardown_hook])
+@flow(name="experiment", log_prints=True, on_crashed=[teardown_on_crash], on_cancellation=[teardown_on_crash])
 def experiment(config_path: str = "configs/local.yaml", run_id: str | None = None) -> dict:
     """Run every phase of the experiment in `config_path`; returns run id, decision and store path.
     A retry of this flow run resumes its run; `run_id` resumes (or names) a run explicitly."""

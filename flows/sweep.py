@@ -16,25 +16,15 @@ from prefect.cache_policies import NO_CACHE
 
 from guided_ab import phases
 from guided_ab import sweep as S
-from guided_ab.arms import cores
 from guided_ab.config import ExperimentConfig, load_config
 from guided_ab.limits import limits
 from guided_ab.reports.sweep_report import markdown
 from guided_ab.store import RunStore, new_run_id
 from tasks.endpoints import teardown
 
-from ._common import key_envs, keys_from_secret_blocks, run_index_path, store_root
+from ._common import key_envs, keys_from_secret_blocks, run_index_path, store_root, teardown_on_crash
 from ._concurrency import local_cores_slot
 from .deploy import deploy
-
-
-def _teardown_hook(flow, flow_run, state) -> None:
-    """on_crashed / on_cancellation: stop what the sweep started, if the process still can."""
-    p = run_index_path(str(flow_run.id))
-    if p.is_file():
-        root, run_id = p.read_text().split("\n")[:2]
-        phases.teardown(RunStore.open(root, run_id), log=print)
-        cores.release(run_id)
 
 
 @task(name="sweep-arms", cache_policy=NO_CACHE)
@@ -57,7 +47,7 @@ def publish_sweep(cfg: ExperimentConfig, store: RunStore, result: dict) -> list[
     return [str(i) for i in ids]
 
 
-@flow(name="sweep", log_prints=True, on_crashed=[_teardown_hook], on_cancellation=[_teardown_hook])
+@flow(name="sweep", log_prints=True, on_crashed=[teardown_on_crash], on_cancellation=[teardown_on_crash])
 def sweep(config_path: str = "configs/local.yaml", run_id: str | None = None) -> dict:
     """Deploy the config's arms, sweep each (saturation, then the ladder of rates), stop them;
     returns run id, the knee per arm and where the report is."""

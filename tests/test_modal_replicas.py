@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+from synthetic_run import make_finished_run
 from test_modal_target import CONFIG, FakeModal, modal_arm
 
-from guided_ab import phases
-from guided_ab.analysis.simulate import synthetic_records
 from guided_ab.arms import modal as modal_target
 from guided_ab.arms.base import Endpoint
 from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER, SERVED_BY_HEADER
@@ -302,31 +301,18 @@ def test_records_written_before_the_field_still_read():
 def _finished_run(root: Path, containers: dict[str, list[str]], slow: str | None = None, *, decide: bool = True) -> RunStore:
     """A finished run of synthetic records; each arm's requests spread over its containers in
     turn, the `slow` one's latencies doubled."""
-    cfg = parse_config({
-        "name": "replicas", "store": str(root),
-        "arms": [{"name": "guidance", "role": "control", "backend": "guidance"},
-                 {"name": "auto", "role": "candidate", "backend": "auto"}],
-        "workload": {"size": 40, "observe_size": 4, "warmup": 1},
-        "decision": {"bootstrap_resamples": 100},
-    })
-    store = RunStore.create(cfg, "replicas-run")
-    df = synthetic_records(40, ratio=0.9, control="guidance", candidate="auto", observe=4, warmup=1, seed=5)
-    df["run_id"] = "replicas-run"
     turn = {a: 0 for a in containers}
-    for row in df.to_dict("records"):
-        row = {k: (None if v != v else v) for k, v in row.items()}
+
+    def spread_over_containers(row: dict) -> dict:
         names = containers[row["arm"]]
         row["served_by"] = names[turn[row["arm"]] % len(names)]
         turn[row["arm"]] += 1
         if row["served_by"] == slow and row["latency_s"] is not None:
             row["latency_s"] *= 2
-        store.append_record(RequestRecord.model_validate(row))
-    for phase in ("observe", "ab"):
-        store.finalize_records(phase)
-    if decide:
-        phases.evaluate_run(store)
-        phases.decide_run(store)
-    return store
+        return row
+
+    return make_finished_run(root, "replicas-run", pairs=40, ratio=0.9, seed=5, observe=4, bootstrap_resamples=100,
+                             decide=decide, edit_row=spread_over_containers)
 
 
 def test_report_shows_latency_per_replica_and_marks_the_slow_one(tmp_path):

@@ -6,12 +6,12 @@ the CLI, in its own process, with its own ephemeral Prefect API."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
+
+from sigkill_mid_phase import sigkill_once_recorded
 
 from guided_ab import phases
 from guided_ab.config import parse_config
@@ -42,15 +42,7 @@ def test_kill_flow_process_mid_ab_then_resume_exactly_once(tmp_path):
         env = {**os.environ, "RESUME_TEST_KEY": KEY, "PREFECT_HOME": str(tmp_path / "prefect")}
         cmd = [sys.executable, "-m", "guided_ab.cli", "ab", "--run-id", "resume-1", "--store", str(tmp_path / "runs")]
 
-        first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 240
-        while len(store.journal("ab")) < 8 and time.monotonic() < deadline:
-            assert first.poll() is None, "the A/B phase ended before it could be killed"
-            time.sleep(0.1)
-        os.killpg(first.pid, signal.SIGKILL)  # the flow process and its ephemeral Prefect server
-        first.wait(10)
-        killed_at = len(store.journal("ab"))
+        killed_at = sigkill_once_recorded(cmd, env, store, "ab", at_least=8)  # the flow process and its Prefect server
         assert 8 <= killed_at < len(plan.requests)
 
         second = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)

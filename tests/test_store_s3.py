@@ -6,7 +6,6 @@ before anything starts (naming the URL)."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import s3_server as s3
+from sigkill_mid_phase import sigkill_once_recorded
 from typer.testing import CliRunner
 
 from guided_ab import phases
@@ -115,15 +115,7 @@ def test_sigkill_while_parts_upload_then_resume_neither_loses_nor_duplicates(s3_
         # a part every 20 ms: the kill lands while parts and manifests are being uploaded
         env = {**os.environ, "GUIDED_AB_PART_FLUSH_S": "0.02"}
         cmd = [sys.executable, "-c", CHILD, root, "s3-kill", "ab"]
-        first = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                 start_new_session=True)
-        deadline = time.monotonic() + 180
-        while len(store.journal("ab")) < 10 and time.monotonic() < deadline:
-            assert first.poll() is None, "the A/B phase ended before it could be killed"
-            time.sleep(0.05)
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait(10)
-        killed_at = len(store.journal("ab"))
+        killed_at = sigkill_once_recorded(cmd, env, store, "ab", at_least=10)
         assert 10 <= killed_at < len(plan.requests)
 
         # the lock object names a dead pid on this host: the resume takes it over at once
