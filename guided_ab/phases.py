@@ -340,6 +340,12 @@ def evaluate_run(store: RunStore, overrides: DecisionOverrides | None = None) ->
 
     # the servers' own time split over the A/B phase, for the report's server-metrics section
     evaluation["server_metrics"] = phase_time_split(store, "ab")
+    # ... and over the observe phase (the candidates alone, before the A/B): a second, smaller table
+    evaluation["server_metrics_observe"] = phase_time_split(store, "observe")
+    from guided_ab.analysis.offered_load import offered_loads
+
+    # each phase's load as run (profile, offered / achieved rate, send lag), for "Load as offered"
+    evaluation["offered_load"] = offered_loads(store.records(("observe", "ab")), cfg)
     store.write_json("evaluation.json", evaluation)
     return evaluation
 

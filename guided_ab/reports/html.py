@@ -6,7 +6,8 @@ files.py writes it, with the key-plot PNGs, into the run directory.
 
 What the report shows, top to bottom (element ids in brackets, for people and the browser test):
 decision banner with the reasons [decision]; per-arm key numbers [arms]; pre-registered criteria
-with estimates, intervals and margins [criteria]; latency CDFs per arm, end-to-end and TTFT
+with estimates, intervals and margins [criteria]; the A/B phase's load as offered (profile, offered
+and achieved rate, send lag; only in evaluations that have it) [offered-load]; latency CDFs per arm, end-to-end and TTFT
 [plot-latency-cdf]; latency per container when an arm had several (Modal replicas)
 [replicas-table]; where each server's time went (queue, prefill, decode) beside the client's view,
 and its requests running/waiting and KV-cache use over time, from its /metrics [server-metrics];
@@ -27,12 +28,19 @@ from typing import Any
 from guided_ab.reports.format import interval_parts, num
 from guided_ab.reports.html_style import CSS
 from guided_ab.reports.model import (
+    OBSERVE_SERVER_METRICS,
+    OBSERVE_SERVER_METRICS_NOTE,
+    OFFERED_LOAD_NOTE,
     REPLICAS_NOTE,
     SERVER_METRICS_NOTE,
     ReportModel,
     dig,
     explain_rows,
     interval_label,
+    observe_server_notes,
+    offered_load,
+    offered_load_line,
+    offered_load_rows,
     replica_rows,
     server_metrics_notes,
     server_time_rows,
@@ -51,6 +59,7 @@ def render_html(m: ReportModel, plots: Mapping[str, Rendered] | None = None) -> 
         _banner(m),
         _arm_cards(m),
         _criteria(m),
+        *([_section("offered-load", "Load as offered (A/B phase)", _offered_load(m))] if offered_load(m.evaluation) else []),
         _section("latency", "Latency distributions", _latency(m, p)),
         *([_section("replicas", "Per-replica latency: containers of one arm", _replicas(m))] if m.replicas else []),
         _section("server-metrics", "Where the servers' time went: their own /metrics", _server_metrics(m, p)),
@@ -401,10 +410,27 @@ def _server_metrics(m: ReportModel, p: Mapping[str, Rendered]) -> str:
     """The servers' time split beside the client's view, and their load over the A/B phase."""
     rows = server_time_rows(m.evaluation)
     notes = "".join(f"<p class=\"muted\">{_e(n)}</p>" for n in server_metrics_notes(m.evaluation))
+    observe_rows = server_time_rows(m.evaluation, OBSERVE_SERVER_METRICS)
+    observe = "".join(f"<p class=\"muted\">{_e(n)}</p>" for n in observe_server_notes(m.evaluation))
+    if observe_rows:  # the candidates alone, before the A/B: a second, smaller table
+        observe = ("<h3>Observe phase: the candidates alone, before the A/B</h3>"
+                   f"<p class=\"muted\">{_e(OBSERVE_SERVER_METRICS_NOTE)}</p>"
+                   + _table(observe_rows, "server-time-observe-table") + observe)
     if not rows:
-        return notes
+        return notes + observe
     return (f"<p class=\"muted\">{_e(SERVER_METRICS_NOTE)}</p>" + _table(rows, "server-time-table") + notes
-            + _plot(p["plot-server-load"], "Step lines between scrapes: what each server's gauges read at each scrape."))
+            + _plot(p["plot-server-load"], "Step lines between scrapes: what each server's gauges read at each scrape.")
+            + observe)
+
+
+def _offered_load(m: ReportModel) -> str:
+    """The A/B phase's load as run: profile, offered and achieved rate, send lag (per arm for an open loop)."""
+    block = offered_load(m.evaluation)
+    if block is None:
+        return ""
+    rows = offered_load_rows(block)
+    return (f"<p class=\"offered-load-line\" data-testid=\"offered-load-line\">{_e(offered_load_line(block))}</p>"
+            + (f"<p class=\"muted\">{_e(OFFERED_LOAD_NOTE)}</p>" + _table(rows, "offered-load-table") if rows else ""))
 
 
 def _failures(m: ReportModel, p: Mapping[str, Rendered]) -> str:

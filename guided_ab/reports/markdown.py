@@ -16,10 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from guided_ab.reports.format import counts_text
 from guided_ab.reports.model import (
+    OBSERVE_SERVER_METRICS,
+    OBSERVE_SERVER_METRICS_NOTE,
+    OFFERED_LOAD_NOTE,
     REPLICAS_NOTE,
     SERVER_METRICS_NOTE,
     ReportModel,
     explain_rows,
+    observe_server_notes,
+    offered_load,
+    offered_load_line,
+    offered_load_rows,
     replica_rows,
     server_metrics_notes,
     server_time_rows,
@@ -123,7 +130,25 @@ def server_metrics_section(evaluation: Mapping[str, Any]) -> str:
     rows = server_time_rows(evaluation)
     parts = [md_text(SERVER_METRICS_NOTE) + "\n", _md_table(rows)] if rows else []
     parts += [md_text(n) + "\n" for n in server_metrics_notes(evaluation)]
+    observe = server_time_rows(evaluation, OBSERVE_SERVER_METRICS)
+    if observe:  # the candidates alone, before the A/B: a second, smaller table
+        parts += ["### Observe phase (the candidates alone, before the A/B)\n",
+                  md_text(OBSERVE_SERVER_METRICS_NOTE) + "\n", _md_table(observe)]
+    parts += [md_text(n) + "\n" for n in observe_server_notes(evaluation)]
     return "\n".join(parts)
+
+
+def offered_load_section(evaluation: Mapping[str, Any]) -> list[str]:
+    """"Load as offered" of the A/B phase: the profile, offered and achieved rate and send lag
+    (guided_ab/analysis/offered_load.py); nothing for an evaluation written before it existed."""
+    block = offered_load(evaluation, "ab")
+    if block is None:
+        return []
+    parts = ["## Load as offered (A/B phase)", md_text(offered_load_line(block)) + "\n"]
+    rows = offered_load_rows(block)
+    if rows:
+        parts += [md_text(OFFERED_LOAD_NOTE) + "\n", _md_table(rows)]
+    return parts
 
 
 def render_markdown(m: ReportModel) -> str:
@@ -152,6 +177,7 @@ def render_markdown(m: ReportModel) -> str:
     lines += [
         "## Arms (A/B phase, warm-ups excluded)",
         _md_table(s.arm_rows),
+        *offered_load_section(evaluation),
         "## Latency, explained (slower computation or longer answers)",
         "Timeouts and connection errors count as latencies censored at the workload's timeout: "
         "quantiles past the censored share are lower bounds and means are restricted means.\n",

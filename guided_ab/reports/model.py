@@ -129,19 +129,20 @@ SERVER_METRICS_NOTE = (
     "HTTP front end. Warm-ups included (the server cannot tell them apart).")
 
 
-def server_metrics_arms(evaluation: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """arm -> its time split (only arms with numbers; see server_metrics_notes for the others)."""
-    arms = dig(evaluation, "server_metrics", "arms") or {}
+def server_metrics_arms(evaluation: Mapping[str, Any], key: str = "server_metrics") -> dict[str, dict[str, Any]]:
+    """arm -> its time split (only arms with numbers; see server_metrics_notes for the others).
+    `key`: the evaluation's entry, "server_metrics" (A/B phase) or OBSERVE_SERVER_METRICS."""
+    arms = dig(evaluation, key, "arms") or {}
     order = [evaluation.get("control"), *(evaluation.get("candidates") or [])]  # the report's arm order
     ranked = sorted(arms, key=lambda a: order.index(a) if a in order else len(order))
     return {a: arms[a] for a in ranked if isinstance(arms[a], Mapping) and "mean_s" in arms[a]}
 
 
-def server_time_rows(evaluation: Mapping[str, Any]) -> list[dict[str, Any]]:
+def server_time_rows(evaluation: Mapping[str, Any], key: str = "server_metrics") -> list[dict[str, Any]]:
     """One row per arm with scraped metrics: the server's mean queue, prefill and decode time per
     request, its TTFT and latency beside the client's, and the peaks of its load gauges."""
     rows = []
-    for arm, e in server_metrics_arms(evaluation).items():
+    for arm, e in server_metrics_arms(evaluation, key).items():
         mean, client, peak = e.get("mean_s") or {}, e.get("client") or {}, e.get("peak") or {}
         rows.append({
             "arm": arm,
@@ -166,6 +167,70 @@ def server_metrics_notes(evaluation: Mapping[str, Any]) -> list[str]:
                 "or the run predates scraping)."]
     return [f"{arm}: no server metrics, {e.get('why')}." for arm, e in sm["arms"].items()
             if isinstance(e, Mapping) and "mean_s" not in e]
+
+
+# the observe phase's time split (phases.evaluate_run): the candidates alone, before the A/B
+OBSERVE_SERVER_METRICS = "server_metrics_observe"
+OBSERVE_SERVER_METRICS_NOTE = (
+    "The observe phase, before the A/B: only the candidates are sent requests (to see which backend they resolve), "
+    "without warm-ups and each schema new to the server, so these are each candidate's first requests, grammar "
+    "compiles included. Few requests and no control beside them: a candidate's cold start, not a comparison.")
+
+
+def observe_server_notes(evaluation: Mapping[str, Any]) -> list[str]:
+    """One line per observe-phase arm scraped without numbers (nothing when observe was not scraped)."""
+    arms = dig(evaluation, OBSERVE_SERVER_METRICS, "arms") or {}
+    return [f"{arm} (observe): no server metrics, {e.get('why')}." for arm, e in arms.items()
+            if isinstance(e, Mapping) and "mean_s" not in e]
+
+
+# -- the load as offered (guided_ab/analysis/offered_load.py: evaluation["offered_load"][phase]) -----
+OFFERED_LOAD_NOTE = (
+    "How the A/B phase's requests were sent. An open loop sends arrivals on a clock of their own, whether or not "
+    "the servers keep up; one arrival is one pair (both arms at one instant), so pairs/s is requests/s per arm. "
+    "Offered: the rate the config asked for (and the schedule as drawn); achieved: the rate the arrivals really "
+    "went out at. Send lag: how late each request went out (the in-flight cap or a busy client held it back); "
+    "its latency starts when it was sent, so a long lag hides queueing from the latency figures. Warm-ups included.")
+_PROFILE_NAMES = {"poisson": "Poisson", "constant": "Constant-rate"}
+
+
+def offered_load(evaluation: Mapping[str, Any], phase: str = "ab") -> Mapping[str, Any] | None:
+    """The phase's load as run, or None (an evaluation written before it was computed)."""
+    block = dig(evaluation, "offered_load", phase)
+    return block if isinstance(block, Mapping) and "open_loop" in block else None
+
+
+def _ms(x: Any) -> str:
+    return num(x, "{:.2f} ms")
+
+
+def offered_load_line(block: Mapping[str, Any]) -> str:
+    """One sentence: the profile, offered and achieved rate, send lag p50 / p99 / max and the late
+    requests of an open loop; the concurrency of a closed one."""
+    if not block.get("open_loop"):
+        return (f"Closed loop, {num(block.get('concurrency'), '{}')} in flight (all arms together): each next request "
+                "went out when one returned, so a slow server slowed the sending (no schedule, no send lag).")
+    profile = _PROFILE_NAMES.get(str(block.get("profile")), str(block.get("profile")))
+    target, drawn = block.get("target_rate"), block.get("offered_rate")
+    offered = (f"{num(target, '{:.3g}')} pairs/s offered (the schedule as drawn: {num(drawn, '{:.3g}')}/s)"
+               if target is not None else f"{num(drawn, '{:.3g}')} pairs/s offered")
+    lag = block.get("send_lag_ms") or {}
+    cap = block.get("max_in_flight")
+    return (f"{profile} {offered}, {num(block.get('achieved_rate'), '{:.3g}')}/s achieved; send lag p50 "
+            f"{_ms(lag.get('p50'))}, p99 {_ms(lag.get('p99'))}, max {_ms(lag.get('max'))} ({block.get('late', 0)} of "
+            f"{block.get('requests', 0)} requests more than {num(block.get('late_ms'), '{:g}')} ms late)"
+            + (f"; at most {cap} in flight." if cap is not None else "."))
+
+
+def offered_load_rows(block: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Per arm of an open loop: requests, achieved rate, send lag and late requests (none for a closed loop)."""
+    if not block.get("open_loop"):
+        return []
+    late = f"> {num(block.get('late_ms'), '{:g}')} ms late"
+    return [{"arm": arm, "requests": a.get("requests"), "achieved /s": num(a.get("achieved_rate"), "{:.3g}"),
+             "send lag p50": _ms(dig(a, "send_lag_ms", "p50")), "p99": _ms(dig(a, "send_lag_ms", "p99")),
+             "max": _ms(dig(a, "send_lag_ms", "max")), late: a.get("late")}
+            for arm, a in (block.get("arms") or {}).items() if isinstance(a, Mapping)]
 
 
 @dataclass(frozen=True)
