@@ -22,6 +22,7 @@ from guided_ab.errors import PhaseInterrupted as PhaseInterrupted  # defined her
 from guided_ab.errors import RunStateError
 from guided_ab.load.arrivals import planned_pairs
 from guided_ab.load.runner import PhaseResult, Progress, run_plan
+from guided_ab.load.send_clock import loop_runner
 from guided_ab.load.server_metrics import scraped
 from guided_ab.plan import Plan, make_plan
 from guided_ab.store import RunStore
@@ -197,16 +198,12 @@ def run_requests(
     missing = sorted(set(plan.arms) - set(endpoints))
     if missing:
         raise RunStateError(f"run {store.run_id}: no endpoint for arm(s) {missing}; re-run the deploy phase")
-    runner: Callable[[Coroutine[Any, Any, PhaseResult]], PhaseResult]
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # uvloop is optional (not on Windows)
-        runner = asyncio.run
+    load = getattr(cfg.workload.load, phase)
+    # an open loop runs on asyncio's own loop, where the send clock times it; otherwise uvloop
+    runner: Callable[[Coroutine[Any, Any, PhaseResult]], PhaseResult] = loop_runner(load is not None and load.open_loop)
     async def main() -> PhaseResult:
         task = asyncio.ensure_future(run_plan(plan, {a: endpoints[a] for a in plan.arms}, store, cfg.workload, progress=progress,
-                                              load=getattr(cfg.workload.load, phase)))
+                                              load=load))
         while stop is not None and not task.done():
             if stop.is_set():
                 task.cancel()

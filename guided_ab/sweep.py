@@ -34,10 +34,10 @@ import asyncio
 import math
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -47,6 +47,7 @@ from guided_ab.config import ConfigError, ExperimentConfig, LoadProfile, Sweep
 from guided_ab.errors import PhaseInterrupted, RunStateError
 from guided_ab.load.arrivals import arrivals_within, schedule_seed
 from guided_ab.load.runner import run_plan
+from guided_ab.load.send_clock import loop_runner
 from guided_ab.load.server_metrics import phase_time_split, scraped
 from guided_ab.plan import Plan, make_plan
 from guided_ab.records import TRANSIENT_OUTCOMES
@@ -54,7 +55,6 @@ from guided_ab.store import RunStore
 from guided_ab.workload import WARMUP_ITEM, WorkItem, more_items
 
 Log = Callable[[str], None]
-T = TypeVar("T")
 RESULT = "sweep.json"
 LADDER = "sweep-ladder.json"
 QUANTILES = (0.5, 0.9, 0.99)
@@ -136,15 +136,6 @@ def _step_plan(cfg: ExperimentConfig, arm: str, k: int, rate: float, pool: Seque
 
 
 # -- sending ---------------------------------------------------------------------------------------
-def _run_loop(coro: Coroutine[Any, Any, T]) -> T:
-    """Run like the phases do (guided_ab.phases.run_requests): on uvloop where installed."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is optional (not on Windows)
-        return asyncio.run(coro)
-    return uvloop.run(coro)
-
-
 def _send(cfg: ExperimentConfig, store: RunStore, plan: Plan, ep: Endpoint, load: LoadProfile | None,
           concurrency: int | None = None) -> bool:
     """Send the plan's unrecorded requests (with the arm's /metrics scraped beside them); False when
@@ -155,7 +146,7 @@ def _send(cfg: ExperimentConfig, store: RunStore, plan: Plan, ep: Endpoint, load
     endpoints = {ep.arm: ep}
     with store.phase_lock(plan.phase):  # one writer per phase: a second sweep of the run gets PhaseLocked
         try:
-            _run_loop(scraped(run_plan(plan, endpoints, store, wl, load=load), store, plan.phase, endpoints,
+            loop_runner(load is not None and load.open_loop)(scraped(run_plan(plan, endpoints, store, wl, load=load), store, plan.phase, endpoints,
                               interval_s=wl.metrics_interval_s))
         except asyncio.CancelledError:
             raise PhaseInterrupted(f"sweep phase {plan.phase} of run {store.run_id} was stopped; "

@@ -21,6 +21,7 @@ from guided_ab.arms.base import Endpoint
 from guided_ab.config import ConfigError, LoadProfile, Workload, parse_config
 from guided_ab.load.arrivals import arrival_times, arrivals_within, planned_pairs, schedule_seed
 from guided_ab.load.runner import open_loop_schedule, run_plan
+from guided_ab.load.send_clock import loop_runner
 from guided_ab.plan import extend_plan, first_look, make_plan
 from guided_ab.store import RunStore
 from guided_ab.workload import WorkItem
@@ -40,10 +41,9 @@ def _configure(url: str, delay_ms: float, tokens: int) -> None:
 
 
 def _run(coro):
-    """As the product runs a phase (guided_ab.phases.run_requests): on uvloop."""
-    import uvloop
-
-    return uvloop.run(coro)
+    """As the product runs an open-loop phase (guided_ab.phases.run_requests): on asyncio's own
+    loop, timed by the send clock."""
+    return loop_runner(open_loop=True)(coro)
 
 
 def _items(n: int) -> list[WorkItem]:

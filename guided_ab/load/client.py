@@ -29,6 +29,7 @@ import aiohttp
 import orjson
 
 from guided_ab.arms.vllm_args import ATTRIBUTION_HEADER, SERVED_BY_HEADER
+from guided_ab.load.send_clock import SendClock, arm
 from guided_ab.redact import redact, redact_bytes
 
 _loads = orjson.loads  # ~5x faster than json for the many small SSE events of a stream
@@ -143,32 +144,38 @@ def _error_message(raw: bytes) -> str:
     return _short(raw.decode("utf-8", "replace"))
 
 
-def new_session(concurrency: int, *, connect_timeout_s: float = 10.0) -> aiohttp.ClientSession:
+def new_session(concurrency: int, *, connect_timeout_s: float = 10.0, clock: SendClock | None = None) -> aiohttp.ClientSession:
     """A pooled HTTP client for send_chat: up to `concurrency` keep-alive connections.
 
     Create it inside the event loop that uses it and close it there (`async with`). Per-request
-    deadlines come from send_chat's timeout_s, not from the session.
+    deadlines come from send_chat's timeout_s, not from the session. With a `clock` (an open
+    loop on asyncio's own loop, guided_ab.load.send_clock) a request given `not_before` is
+    written at once but for its last byte, which the clock writes at that instant.
     """
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300)
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=300,
+                                     socket_factory=clock.socket_factory if clock is not None else None)
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
         cookie_jar=aiohttp.DummyCookieJar(),
         raise_for_status=False,
-        trace_configs=[_SENT_TRACE],
+        trace_configs=[_held_trace(clock) if clock is not None else _SENT_TRACE],
     )
 
 
 class _Sent:
     """When the request went out: set by a trace hook right before the body (and the headers
-    buffered with it) is written to the connection."""
+    buffered with it) is written to the connection, or, for a request held for the send clock,
+    by the clock when it wrote the last byte (`released` is done then)."""
 
-    __slots__ = ("perf", "wall", "not_before")
+    __slots__ = ("perf", "wall", "not_before", "held", "released")
 
     def __init__(self, not_before: float | None = None) -> None:
         self.perf: float | None = None
         self.wall: float | None = None
         self.not_before = not_before  # time.perf_counter() instant the body may go out (send_chat's)
+        self.held = False  # its last byte is with the send clock
+        self.released: asyncio.Future[None] | None = None
 
 
 async def _on_chunk_sent(session: Any, ctx: Any, params: Any) -> None:
@@ -178,9 +185,28 @@ async def _on_chunk_sent(session: Any, ctx: Any, params: Any) -> None:
         # here, right before the write, for its scheduled instant. The loop's timers fire on
         # millisecond ticks (uvloop), which would send the arrivals of one millisecond together:
         # the timer wakes it about a millisecond early, and it yields to the loop until the instant.
+        # (With a send clock, _held_trace's hook instead: this loop's lateness skews short gaps.)
         while sent.not_before is not None and (wait := sent.not_before - time.perf_counter()) > 0:
             await asyncio.sleep(wait - 0.001 if wait > 0.0015 else 0)
         sent.perf, sent.wall = time.perf_counter(), time.time()
+
+
+def _held_trace(clock: SendClock) -> aiohttp.TraceConfig:
+    """The trace hook of a session with a send clock: a scheduled request is armed, so that the
+    write that follows keeps its last byte for the clock (send_clock.HeldSocket)."""
+
+    async def on_chunk_sent(session: Any, ctx: Any, params: Any) -> None:
+        sent = ctx.trace_request_ctx
+        if isinstance(sent, _Sent) and sent.perf is None and not sent.held:
+            if sent.not_before is None:  # not scheduled: it goes now
+                sent.perf, sent.wall = time.perf_counter(), time.time()
+            else:
+                arm(clock, sent)
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_chunk_sent.append(on_chunk_sent)
+    trace.freeze()
+    return trace
 
 
 _SENT_TRACE = aiohttp.TraceConfig()
@@ -339,6 +365,8 @@ async def send_chat(
     try:
         async with asyncio.timeout(timeout_s):
             async with http.post(url, data=payload, headers=headers, trace_request_ctx=sent, allow_redirects=False) as resp:
+                if sent.released is not None:  # a held request: the answer may come before the clock's word
+                    await sent.released
                 if sent.perf is not None and sent.wall is not None:  # the clocks start when the request went out
                     t0, out.sent_at = sent.perf, sent.wall
                 out.http_status = resp.status

@@ -33,6 +33,7 @@ request per arrival, capped at `wl.concurrency` (bench/ours_worker.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import time
@@ -45,6 +46,7 @@ from guided_ab.config import LoadProfile, Workload
 from guided_ab.load.arrivals import arrival_times, schedule_seed
 from guided_ab.load.classify import classify_async
 from guided_ab.load.client import chat_body, new_session, request_body, send_chat
+from guided_ab.load.send_clock import SendClock, precise_loop
 from guided_ab.load.validate import schema_key
 from guided_ab.plan import Plan, PlannedRequest
 from guided_ab.records import NO_BACKEND, WORKLOAD_OUTCOMES, RequestRecord
@@ -57,6 +59,9 @@ Progress = Callable[[int, int, Counter], None]
 # building the request and taking a pooled connection take well under a millisecond here
 # (bench/open_loop_accuracy.py); a new connection to a distant server may take longer, and is lag.
 PREPARE_S = 0.005
+# With the send clock the bytes wait for their instant outside the event loop, so a send can start
+# earlier: a loop held up for up to this long (a garbage collection, a burst of answers) costs no lag.
+PREPARE_CLOCKED_S = 0.02
 
 
 @dataclass
@@ -141,6 +146,9 @@ async def run_plan(
     schema_keys: dict[str, str] = {}  # schema id -> its validator cache key (computed once)
     journal = store.open_journal(plan.phase)
     loop = asyncio.get_running_loop()
+    # An open loop on asyncio's own loop sends through the send clock (to tens of microseconds,
+    # guided_ab.load.send_clock); on uvloop it holds each request in the event loop (~0.1-0.5 ms).
+    clock = SendClock() if schedule is not None and precise_loop(loop) else None
 
     async def one(http, req: PlannedRequest, scheduled_at: float | None = None, not_before: float | None = None) -> None:
         ep = endpoints[req.arm]
@@ -162,6 +170,8 @@ async def run_plan(
                                               key=schema_keys[req.schema_id], tools=tool_spec(item.body),
                                               max_tokens=body.get("max_tokens") or body.get("max_completion_tokens"))
         error = redact(error, secrets)
+        if clock is not None and clock.dead is not None:  # its send time is unknown: no record, the phase stops
+            raise clock.dead
         if outcome in WORKLOAD_OUTCOMES:  # the workload's problem (refused, or out of context): no backend to blame
             raw.backend = NO_BACKEND
         if raw.tool_calls is not None and not raw.text:  # the answer is its calls: kept as they came
@@ -204,10 +214,12 @@ async def run_plan(
     async def open_loop(http, schedule: list[tuple[float, list[PlannedRequest]]]) -> None:
         # The dispatcher only sleeps, takes a slot and starts a task: building the body, sending,
         # validating and journalling run in the task, so they never delay the next arrival. It
-        # starts each send PREPARE_S ahead: the request is built and a connection taken by then,
-        # and the client holds its bytes until the scheduled instant (send_chat's not_before), so
-        # that work is not the request's lag. perf_counter, not loop.time(): uvloop's clock is
-        # the loop iteration's cached millisecond.
+        # starts each send `ahead` of its instant: the request is built and a connection taken by
+        # then, and the client holds its bytes until the scheduled instant (send_chat's not_before;
+        # the send clock's last byte when there is one), so that work is not the request's lag.
+        # A held request takes its slot of the cap from then on. perf_counter, not loop.time():
+        # uvloop's clock is the loop iteration's cached millisecond.
+        ahead = PREPARE_CLOCKED_S if clock is not None else PREPARE_S
         slots = asyncio.Semaphore(cap)
         tasks: set[asyncio.Task] = set()
         failures: list[BaseException] = []
@@ -222,12 +234,13 @@ async def run_plan(
         # garbage collector's reach, its collections stop walking them (bench/open_loop_accuracy.py,
         # 15,000-request plan: send lag max 187 -> 19 ms, p99 17.6 -> 4.7 ms at 500/s here).
         gc.freeze()
-        perf0, wall0 = time.perf_counter(), time.time()
+        # the schedule starts `ahead` from now, so that its first arrivals are prepared in time too
+        perf0, wall0 = time.perf_counter() + ahead, time.time() + ahead
 
         async def dispatch() -> None:
             for t, reqs in schedule:
                 # timers are rounded to the millisecond: wait again if woken a little early
-                while (wait := perf0 + t - PREPARE_S - time.perf_counter()) > 0:
+                while (wait := perf0 + t - ahead - time.perf_counter()) > 0:
                     await asyncio.sleep(wait)
                 for req in reqs:
                     await slots.acquire()  # the cap is reached: it goes when a slot frees, its lag recorded
@@ -262,7 +275,10 @@ async def run_plan(
             await asyncio.gather(dispatcher, *tasks, return_exceptions=True)
 
     try:
-        async with new_session(cap, connect_timeout_s=min(10.0, wl.timeout_s)) as http:
+        async with contextlib.AsyncExitStack() as stack:
+            if clock is not None:
+                await stack.enter_async_context(clock)
+            http = await stack.enter_async_context(new_session(cap, connect_timeout_s=min(10.0, wl.timeout_s), clock=clock))
             if progress:
                 progress(result.recorded, result.planned, result.outcomes)
             if schedule is None:
