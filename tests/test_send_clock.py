@@ -188,3 +188,72 @@ def test_a_clock_that_dies_mid_phase_stops_it_and_a_rerun_sends_the_rest(loopbac
     recs = store.journal("ab")
     assert sorted(r.request_id for r in recs) == sorted(r.request_id for r in plan.requests)  # one each
     assert {r.outcome for r in recs} == {"success"}
+
+
+def _self_signed(tmp_path):
+    """A certificate for 127.0.0.1 and its key (PEM files), made with `cryptography`."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_file, key_file
+
+
+def test_over_tls_the_held_byte_holds_the_whole_request_until_its_instant(tmp_path):
+    """Modal arms answer over HTTPS: the held byte is the last of the TLS record, which the server
+    cannot decrypt before it has it all, so the request arrives at its instant there too."""
+    import ssl
+
+    import aiohttp
+
+    from guided_ab.load import client
+
+    cert_file, key_file = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert_file, key_file)
+
+    class TLSServer(StampingServer):
+        def _serve(self, conn):
+            try:
+                conn = server_ctx.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                return
+            super()._serve(conn)
+
+    server = TLSServer()
+    try:
+        async def main():
+            async with SendClock() as clock:
+                connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(cert_file)),
+                                                 socket_factory=clock.socket_factory)
+                async with aiohttp.ClientSession(connector=connector, trace_configs=[client._held_trace(clock)]) as http:
+                    t_call = time.time()
+                    due = time.perf_counter() + 0.4
+                    raw = await send_chat(http, server.url.replace("http:", "https:"), _body(), api_key=None,
+                                          timeout_s=10, not_before=due)
+                    return t_call, due - time.perf_counter() + time.time(), raw
+
+        t_call, due_wall, raw = asyncio.run(main())
+    finally:
+        server.close()
+    assert raw.http_status == 200 and raw.failure is None, raw
+    [req] = server.requests
+    assert req["last"] >= due_wall - 0.002  # decrypted only once the held byte came
+    assert req["last"] - due_wall < 0.1
+    assert raw.sent_at == pytest.approx(req["last"], abs=0.02)

@@ -147,7 +147,12 @@ class SendClock:
         self._waiting.clear()
 
     def _died(self) -> None:
-        code = self._proc.poll() if self._proc is not None else None
+        code = None
+        if self._proc is not None:
+            try:
+                code = self._proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:  # it closed its end but lives on: close() ends it
+                pass
         self.dead = SendClockStopped(
             f"the send clock process ended unexpectedly (exit code {code}; its error is above): the open loop "
             "cannot time its requests, so the phase stops here; what was recorded is kept, and re-running "
