@@ -257,3 +257,19 @@ def test_over_tls_the_held_byte_holds_the_whole_request_until_its_instant(tmp_pa
     assert req["last"] >= due_wall - 0.002  # decrypted only once the held byte came
     assert req["last"] - due_wall < 0.1
     assert raw.sent_at == pytest.approx(req["last"], abs=0.02)
+
+
+def test_requests_are_prepared_ahead_without_spending_the_cap():
+    """A held request counts against max_in_flight: the preparation window shrinks so that at most a
+    quarter of the cap waits for its instant (never under PREPARE_S); without a clock, PREPARE_S."""
+    from guided_ab.load.runner import PREPARE_CLOCKED_S, PREPARE_S, prepare_ahead
+
+    def schedule(rate: float, n: int = 100, per_arrival: int = 1):
+        return [(i / rate, [object()] * per_arrival) for i in range(n)]
+
+    assert prepare_ahead(schedule(500), 256, clocked=True) == PREPARE_CLOCKED_S  # 500/s, 256 in flight: 100 ms
+    assert prepare_ahead(schedule(2, per_arrival=2), 16, clocked=True) == PREPARE_CLOCKED_S
+    assert prepare_ahead(schedule(100), 8, clocked=True) == pytest.approx(0.02, rel=0.02)  # 2 of 8 slots held
+    assert prepare_ahead(schedule(50, per_arrival=2), 8, clocked=True) == pytest.approx(0.02, rel=0.02)
+    assert prepare_ahead(schedule(5000), 4, clocked=True) == PREPARE_S
+    assert prepare_ahead(schedule(500), 256, clocked=False) == PREPARE_S

@@ -61,7 +61,23 @@ Progress = Callable[[int, int, Counter], None]
 PREPARE_S = 0.005
 # With the send clock the bytes wait for their instant outside the event loop, so a send can start
 # earlier: a loop held up for up to this long (a garbage collection, a burst of answers) costs no lag.
-PREPARE_CLOCKED_S = 0.02
+# 20 ms was not enough at 500/s on this 2-core VM on a slow day (the loop ~1 core busy, lagging up to
+# ~20 ms: send lag p99 2-9 ms); 100 ms: p99 1.0-1.3 ms (bench/open_loop_accuracy.py).
+PREPARE_CLOCKED_S = 0.1
+# ...but a held request holds its slot of the cap: at most this share of the cap is spent on it.
+PREPARE_CAP_SHARE = 0.25
+
+
+def prepare_ahead(schedule: Sequence[tuple[float, Sequence[PlannedRequest]]], cap: int, clocked: bool) -> float:
+    """How long before its instant an open loop starts a send: PREPARE_S without a send clock;
+    with one, PREPARE_CLOCKED_S, shortened (not below PREPARE_S) so that the requests prepared
+    ahead take at most PREPARE_CAP_SHARE of `cap` at the schedule's mean rate, since a held
+    request counts against max_in_flight and must not hold back the arrivals after it."""
+    if not clocked or len(schedule) < 2:
+        return PREPARE_S if not clocked else PREPARE_CLOCKED_S
+    span = schedule[-1][0] - schedule[0][0]
+    per_s = sum(len(reqs) for _, reqs in schedule) / span if span > 0 else float("inf")
+    return max(PREPARE_S, min(PREPARE_CLOCKED_S, PREPARE_CAP_SHARE * cap / per_s))
 
 
 @dataclass
@@ -219,7 +235,7 @@ async def run_plan(
         # the send clock's last byte when there is one), so that work is not the request's lag.
         # A held request takes its slot of the cap from then on. perf_counter, not loop.time():
         # uvloop's clock is the loop iteration's cached millisecond.
-        ahead = PREPARE_CLOCKED_S if clock is not None else PREPARE_S
+        ahead = prepare_ahead(schedule, cap, clock is not None)
         slots = asyncio.Semaphore(cap)
         tasks: set[asyncio.Task] = set()
         failures: list[BaseException] = []

@@ -161,6 +161,7 @@ class SendClock:
             sock._held = False
             if sent.released is not None and not sent.released.done():
                 sent.released.set_exception(self.dead)
+                sent.released.exception()  # retrieved here: a cancelled request's future is not logged
         self._waiting.clear()
         self.close()
 
