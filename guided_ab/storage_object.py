@@ -317,6 +317,8 @@ class ObjectRunStore(RunStore):
             keys = self.fs.find(self._key("metrics", phase))
         except FileNotFoundError:
             return {}
+        if not keys:  # a phase without scrapes (no such phase, metrics off): find gives [], cat([]) raises
+            return {}
         by_arm: dict[str, list[dict]] = {}
         for k, raw in sorted(self.fs.cat(keys, on_error="omit").items()):
             try:

@@ -161,6 +161,18 @@ def test_readers_merge_writers_keep_the_highest_attempt_and_ignore_a_part_no_man
     assert orjson.loads(store.read_bytes("records/ab.parquet.json"))["parts"]
 
 
+def test_server_metrics_of_a_phase_that_never_scraped_read_as_none(s3_env, s3_bucket):
+    """An evaluate on another worker reads every phase's scrapes: a phase with none (observe not run,
+    metrics off) is empty, not an error (found when evaluate ran on a worker of its own)."""
+    from guided_ab.load.server_metrics import phase_time_split
+
+    store = RunStore.create(parse_config(_config(f"{s3_bucket}/r", "http://127.0.0.1:1")), "no-scrapes")
+    assert store.metric_scrapes("observe") == {}
+    assert phase_time_split(store, "observe") == phase_time_split(RunStore.open(f"{s3_bucket}/r", "no-scrapes"), "ab")
+    store.append_metric_scrape("ab", "a", {"t": 1.0, "arm": "a", "values": {}})
+    assert list(RunStore.open(f"{s3_bucket}/r", "no-scrapes").metric_scrapes("ab")) == ["a"]
+
+
 def test_a_second_writer_of_a_phase_is_refused_naming_the_holder(s3_env, s3_bucket):
     with FaultServer("healthy", api_key=KEY) as server:
         store = RunStore.create(parse_config(_config(f"{s3_bucket}/r", server.url)), "locked")
