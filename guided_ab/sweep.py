@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from guided_ab.analysis.offered_load import send_lag_ms
 from guided_ab.arms.base import Endpoint
 from guided_ab.config import ConfigError, ExperimentConfig, LoadProfile, Sweep
 from guided_ab.errors import PhaseInterrupted, RunStateError
@@ -305,8 +306,7 @@ def step_summary(df: pd.DataFrame, rate: float, latency_ref_s: float | None, tim
         "latency": _quantiles(lat.astype(float)),
         "ttft": _quantiles(ttft),
         "tpot": _quantiles(tpot),
-        "send_lag_ms": ({"p50": float(np.quantile(lag, 0.5)) * 1e3, "p99": float(np.quantile(lag, 0.99)) * 1e3,
-                         "max": float(lag.max()) * 1e3} if lag.size else {}),
+        "send_lag_ms": send_lag_ms(lag),
     }
 
 

@@ -12,13 +12,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from loopback_run import loopback_run
 
-from guided_ab.arms.base import Endpoint
 from guided_ab.config import Workload
 from guided_ab.load.client import RawResponse, _StreamState
 from guided_ab.load.runner import run_plan
 from guided_ab.plan import make_plan
-from guided_ab.store import RunStore
 from guided_ab.workload import WorkItem
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,11 +47,7 @@ def _plan(n_items: int, arms=("a", "b")):
 
 
 def _setup(url: str, root: Path, arms=("a", "b")):
-    store = RunStore(root, "smoke")
-    store.path("records").mkdir(parents=True, exist_ok=True)
-    endpoints = {a: Endpoint(run_id="smoke", arm=a, target="external", base_url=url, model="loopback", backend="x")
-                 for a in arms}
-    return store, endpoints
+    return loopback_run(url, root, "smoke", arms)
 
 
 def test_records_complete_and_ttft_close_to_server(loopback, tmp_path):

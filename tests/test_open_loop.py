@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from loopback_run import loopback_run
 from scipy import stats
 
-from guided_ab.arms.base import Endpoint
 from guided_ab.config import ConfigError, LoadProfile, Workload, parse_config
 from guided_ab.load.arrivals import arrival_times, arrivals_within, planned_pairs, schedule_seed
 from guided_ab.load.runner import open_loop_schedule, run_plan
@@ -51,11 +51,7 @@ def _items(n: int) -> list[WorkItem]:
 
 
 def _setup(url: str, root: Path, arms=("a", "b")):
-    store = RunStore(root, "open-loop")
-    store.path("records").mkdir(parents=True, exist_ok=True)
-    endpoints = {a: Endpoint(run_id="open-loop", arm=a, target="external", base_url=url, model="loopback", backend="x")
-                 for a in arms}
-    return store, endpoints
+    return loopback_run(url, root, "open-loop", arms)
 
 
 WL = Workload(max_tokens=8, timeout_s=30, seed=11)

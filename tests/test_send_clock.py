@@ -149,21 +149,18 @@ def test_a_clock_that_dies_mid_phase_stops_it_and_a_rerun_sends_the_rest(loopbac
     import signal
     import subprocess
 
-    from guided_ab.arms.base import Endpoint
+    from loopback_run import loopback_run
+
     from guided_ab.config import LoadProfile, Workload
     from guided_ab.load.runner import run_plan
     from guided_ab.load.send_clock import SendClockStopped, loop_runner
     from guided_ab.plan import make_plan
-    from guided_ab.store import RunStore
     from guided_ab.workload import WorkItem
 
     items = [WorkItem(schema_id=f"s{i:03d}", subset="t", prompt=f"request {i}", json_schema={"type": "object"})
              for i in range(40)]
     plan = make_plan("ab", ["a"], items, seed=3)
-    store = RunStore(tmp_path, "clock-dies")
-    store.path("records").mkdir(parents=True, exist_ok=True)
-    endpoints = {"a": Endpoint(run_id="clock-dies", arm="a", target="external", base_url=loopback, model="loopback",
-                               backend="x")}
+    store, endpoints = loopback_run(loopback, tmp_path, "clock-dies", arms=("a",))
     wl = Workload(max_tokens=8, timeout_s=30, seed=11)
     load = LoadProfile(profile="constant", rate=20, max_in_flight=8, count=40)  # 2 s of arrivals
 

@@ -43,7 +43,8 @@ def _rate(times: np.ndarray) -> float | None:
     return (times.size - 1) / span if span > 0 else None
 
 
-def _lag_ms(lag_s: np.ndarray) -> dict[str, float]:
+def send_lag_ms(lag_s: np.ndarray) -> dict[str, float]:
+    """Send lag p50 / p99 / max in ms from lags in seconds ({} without any)."""
     if not lag_s.size:
         return {}
     ms = lag_s * 1e3
@@ -75,7 +76,7 @@ def offered_load(records: pd.DataFrame | None, load: LoadProfile, concurrency: i
         arms[str(arm)] = {
             "requests": int(len(g)),
             "achieved_rate": _rate(g["_sent"].to_numpy(float)),
-            "send_lag_ms": _lag_ms(g["_lag"].to_numpy(float)),
+            "send_lag_ms": send_lag_ms(g["_lag"].to_numpy(float)),
             "late": int((g["_lag"].to_numpy(float) * 1e3 > LATE_MS).sum()),
         }
     return {
@@ -89,7 +90,7 @@ def offered_load(records: pd.DataFrame | None, load: LoadProfile, concurrency: i
         "requests": int(len(df)),
         "offered_rate": _rate(arrivals.index.to_numpy(float)),
         "achieved_rate": _rate(arrivals.to_numpy(float)),
-        "send_lag_ms": _lag_ms(df["_lag"].to_numpy(float)),
+        "send_lag_ms": send_lag_ms(df["_lag"].to_numpy(float)),
         "late": int(late.sum()),
         "late_ms": LATE_MS,
         "arms": arms,
